@@ -1,0 +1,341 @@
+"""Typed, strict run configuration: nested dataclasses, YAML files and dotted overrides.
+
+    cfg = load_config("configs/spin/tiny.yaml", ["train.lr=1e-6", "spin.iterations=2"])
+
+Every field has the papers' default in one place. An unknown key is an error that names the key and
+lists the valid ones. ``per_iteration`` maps an iteration index to dotted overrides applied only in
+that iteration (SPIN lowers the learning rate at iteration 2 and raises the scale at iteration 3):
+
+    per_iteration:
+      2: {train.lr: 1.0e-7}
+      3: {train.lr: 1.0e-7, spin.scale: 5.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message that says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "runs/proving-ground/sft"  # Hub id or local directory
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: str | None = None
+    # If name_or_path has no model yet, build the built-in proving ground there first (`sparring sft`).
+    build_proving_ground: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "runs/proving-ground/data/train.jsonl"  # jsonl/json/parquet file, save_to_disk dir, Hub id
+    split: str = "train"
+    format: Literal["auto", "messages", "prompt_completion", "spin"] = "auto"
+    num_prompts: int | None = None  # take the first N rows after shuffling (None: all)
+    shuffle_seed: int = 42
+    max_prompt_length: int = 512  # tokens; a longer prompt is a bad row
+    max_length: int = 1024  # tokens of prompt + response; responses are cut to fit
+    on_bad_row: Literal["error", "skip"] = "error"
+    system_prompt: str | None = None  # prepended as a system turn when a row has none
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (the model's generation_config is never consulted)
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    lr: float = 5.0e-7
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: int = 2
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
+    gradient_checkpointing: bool = False
+    logprob_batch_size: int = 16  # batch size of the inference-mode log-prob passes
+    save_steps: int = 50  # optimizer steps between resumable training checkpoints
+    logging_steps: int = 1
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    source: str | None = "runs/proving-ground/data/eval.jsonl"  # held-out rows, any supported format
+    split: str = "test"
+    num_examples: int | None = None
+    verifier: Literal["none", "proving_ground"] = "proving_ground"  # exact-match accuracy via tasks.solve
+    max_new_tokens: int = 32
+    batch_size: int = 64
+
+
+@dataclass
+class SpinConfig:
+    iterations: int = 3
+    scale: float = 0.1  # λ in the paper, `beta` in the official code
+    loss: Literal["sigmoid", "hinge"] = "sigmoid"
+    mix_previous: int = 1  # synthetic sets of this many earlier iterations are added to the new one
+
+
+@dataclass
+class SftConfig:
+    """`sparring sft`: trains the proving ground's tiny model from scratch."""
+
+    output_dir: str = "runs/proving-ground"
+    num_train: int = 3000
+    num_eval: int = 300
+    families: list[str] = field(default_factory=lambda: ["add", "sort", "reverse"])
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3.0e-3
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    method: Literal["spin"] = "spin"
+    output_dir: str = "runs/spin"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    spin: SpinConfig = field(default_factory=SpinConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    per_iteration: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def for_iteration(self, iteration: int) -> RunConfig:
+        """This config with the overrides for ``iteration`` applied (a new object)."""
+        overrides = self.per_iteration.get(iteration, {})
+        if not overrides:
+            return self
+        data = to_dict(self)
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(RunConfig, data)
+
+
+# Fields that do not change what a run computes: they may differ when a run is resumed.
+RESUMABLE_FIELDS = (
+    "output_dir",
+    "spin.iterations",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.logprob_batch_size",
+    "eval",
+    "model.build_proving_ground",
+)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, strictly: unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'{where}; valid keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{key}': {value!r} is not a valid {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"'{key}': {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}': expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
+        return {_coerce(key_tp, k, key): (v if value_tp is Any else _coerce(value_tp, v, key)) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"'{key}': expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}': expected a number, got {value!r}")
+        try:
+            number = tp(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"'{key}': expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if tp is float and isinstance(number, int):
+            number = float(number)
+        if not isinstance(number, tp):
+            raise ConfigError(f"'{key}': expected {tp.__name__}, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}': expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"'{key}': unsupported field type {tp}")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'; valid: {valid}")
+        node = node[part]
+    if parts[-1] not in node and parts[0] != "per_iteration":
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(node))}")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-6", "spin.iterations=2"]`` -> [(key, value)], values parsed as YAML scalars."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or the embedded quickstart config when ``path`` is None) and apply overrides."""
+    if path is None:
+        from importlib.resources import files
+
+        text = (files("sparring") / "presets" / "quickstart.yaml").read_text()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path or 'quickstart'} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must be a mapping of sections")
+    # Validate the file alone first so an error names the file's key, then fill defaults.
+    from_dict(RunConfig, data)
+    full = to_dict(from_dict(RunConfig, data))
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(full, key, value)
+    cfg = from_dict(RunConfig, full)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across fields, and that every per-iteration override names a real field."""
+    base = to_dict(cfg)
+    for iteration, overrides in cfg.per_iteration.items():
+        if iteration < 0:
+            raise ConfigError(f"per_iteration: iteration {iteration} must be >= 0")
+        for key in overrides:
+            if key.startswith("per_iteration") or key in ("method", "output_dir"):
+                raise ConfigError(f"per_iteration.{iteration}: '{key}' cannot change per iteration")
+            _check_key(base, key, iteration)
+        cfg.for_iteration(iteration)  # type-checks the override values
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        raise ConfigError("train.warmup_ratio must be in [0, 1)")
+    if cfg.spin.iterations < 1:
+        raise ConfigError("spin.iterations must be >= 1")
+    if cfg.spin.mix_previous < 0:
+        raise ConfigError("spin.mix_previous must be >= 0")
+
+
+def _check_key(base: dict[str, Any], key: str, iteration: int) -> None:
+    node: Any = base
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"per_iteration.{iteration}: unknown config key '{key}'")
+        node = node[part]
+
+
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that change results, flattened to dotted keys (compared on resume)."""
+    flat = _flatten(to_dict(cfg))
+    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "per_iteration" and value and all(isinstance(k, str) for k in value):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value, sort_keys=True, default=str))
+    return out
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

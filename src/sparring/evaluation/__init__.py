@@ -1,0 +1,5 @@
+"""In-loop evaluation: held-out exact-match accuracy (proving ground) and real-response log-probs."""
+
+from sparring.evaluation.heldout import EvalSet, evaluate, load_eval_set
+
+__all__ = ["EvalSet", "evaluate", "load_eval_set"]

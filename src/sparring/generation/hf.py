@@ -1,0 +1,50 @@
+"""Hugging Face ``generate`` backend: left padding, KV cache, batch-level seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from sparring.generation.base import Completion, SamplingParams
+
+
+class HFGenerator:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        # A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json.
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        gen_config = GenerationConfig(
+            do_sample=params.do_sample,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+            **(sampling if params.do_sample else {}),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+        )
+        self.model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            finished = tok.eos_token_id in row
+            row = row[: row.index(tok.eos_token_id)] if finished else row
+            row = [t for t in row if t != tok.pad_token_id]
+            completions.append(Completion(tok.decode(row, skip_special_tokens=True).strip(), row, finished))
+        return completions

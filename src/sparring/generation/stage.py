@@ -1,0 +1,51 @@
+"""The generation stage: every prompt once, sorted by length, sharded, written batch by batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sparring.generation.base import Generator, SamplingParams, batch_seed
+from sparring.state import ChunkStore
+
+
+def generate_responses(
+    generator: Generator,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    folder: Path,
+    seed: int,
+    batch_size: int,
+    accelerator=None,
+    desc: str = "generate",
+) -> list[dict]:
+    """One completion per prompt, returned in prompt order as {"text", "finished", "num_tokens"}.
+
+    Prompts are sorted by length (less padding), cut into fixed batches, and batch k is done by
+    process k % world_size with a seed fixed by k, so results do not depend on where a crash was.
+    Each batch is written as one chunk file; finished chunks are skipped on rerun.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    store = ChunkStore(folder)
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
+    main = accelerator is None or accelerator.is_main_process
+    for k in tqdm(mine, desc=desc, disable=not main or not mine, unit="batch"):
+        idx = batches[k]
+        completions = generator.generate([prompts[i] for i in idx], params, batch_seed(seed, k))
+        store.write(
+            k,
+            [
+                {"index": i, "text": c.text, "finished": c.finished, "num_tokens": len(c.token_ids)}
+                for i, c in zip(idx, completions)
+            ],
+        )
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    rows = store.read_all(len(batches))
+    by_index = {r["index"]: r for r in rows}
+    return [by_index[i] for i in range(len(prompts))]

@@ -1,0 +1,8 @@
+"""Pure loss functions of summed log-prob tensors (torch only): one module per method."""
+
+from sparring.losses.common import LossOutput, pair_loss
+from sparring.losses.spin import spin_loss
+from sparring.losses.tpaw import tpaw_loss
+from sparring.losses.tspin import tspin_loss
+
+__all__ = ["LossOutput", "pair_loss", "spin_loss", "tpaw_loss", "tspin_loss"]

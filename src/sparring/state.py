@@ -1,0 +1,137 @@
+"""Run directory layout, state.json and atomic files: the outer loop's state lives on disk.
+
+    RUN/
+      config.yaml          resolved config of the run
+      state.json           fingerprint of result-affecting settings + finished stages
+      metrics.jsonl        every logged row (train steps, evaluations), rewritten on resume
+      tb/                  TensorBoard events
+      iter_000/            one folder per iteration: generated chunks, records, train state, model/
+      plot.png, results.md
+
+Every stage is idempotent: it is skipped when state.json marks it done, and its outputs are written
+to a temporary name and renamed into place, so a kill leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from sparring.config import ConfigError, RunConfig, dump_yaml, fingerprint
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ChunkStore:
+    """Rows written batch by batch as numbered chunk files, so a crash loses at most one batch."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"chunk-{index:06d}.jsonl"
+
+    def has(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def write(self, index: int, rows: list[dict]) -> None:
+        write_jsonl(self.path(index), rows)
+
+    def read_all(self, count: int) -> list[dict]:
+        missing = [i for i in range(count) if not self.has(i)]
+        if missing:
+            raise RuntimeError(f"{self.folder}: chunks {missing[:5]} are missing")
+        return [row for i in range(count) for row in read_jsonl(self.path(i))]
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t:03d}"
+
+    def model(self, t: int) -> Path:
+        """θ_{t+1}: the model that iteration t trains."""
+        return self.iteration(t) / "model"
+
+    # -- state.json ---------------------------------------------------------------------------
+    def load_state(self) -> dict[str, Any]:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"stages": {}}
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.load_state()["stages"]
+
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        state = self.load_state()
+        state["stages"][stage] = info or {}
+        atomic_write_json(self.state_path, state)
+
+    def stage_info(self, stage: str) -> dict[str, Any] | None:
+        return self.load_state()["stages"].get(stage)
+
+    def start(self, cfg: RunConfig, *, force: bool = False) -> bool:
+        """Create or reopen the run. Refuses a changed result-affecting setting unless ``force``.
+
+        Returns True when an existing run is being resumed.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        state = self.load_state()
+        current = fingerprint(cfg)
+        resumed = "fingerprint" in state
+        if resumed and state.get("method") != cfg.method:
+            raise ConfigError(f"{self.root} holds a {state.get('method')} run; this config is method {cfg.method}")
+        if resumed and state["fingerprint"] != current:
+            old = state["fingerprint"]
+            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+            lines = [f"  {k}: {old.get(k)!r} -> {current.get(k)!r}" for k in changed[:20]]
+            if not force:
+                raise ConfigError(
+                    f"{self.root} was started with different settings that change results:\n"
+                    + "\n".join(lines)
+                    + "\nuse a new output_dir, restore the settings, or pass --force to continue anyway"
+                )
+            state.setdefault("forced_changes", []).append(changed)
+        state["fingerprint"] = current
+        state["method"] = cfg.method
+        atomic_write_json(self.state_path, state)
+        atomic_write_text(self.root / "config.yaml", dump_yaml(cfg))
+        return resumed

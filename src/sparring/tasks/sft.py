@@ -1,0 +1,79 @@
+"""`sparring sft`: the proving ground's data and a tiny SFT model, trained from scratch on CPU.
+
+Writes  {sft.output_dir}/data/train.jsonl, data/eval.jsonl  (messages format) and the model
+(safetensors + character tokenizer + chat template) to ``model_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sparring.config import EvalConfig, SftConfig
+from sparring.data import encode, parse_row
+from sparring.logprobs import collate, token_logps
+from sparring.state import atomic_write_json, write_jsonl
+from sparring.tasks.problems import make_rows
+from sparring.tasks.tiny import build_tiny_model, build_tokenizer
+
+
+def write_data(cfg: SftConfig) -> tuple[Path, Path]:
+    data_dir = Path(cfg.output_dir) / "data"
+    train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+    if not (train_path.exists() and eval_path.exists()):
+        rows = make_rows(cfg.num_train + cfg.num_eval, cfg.seed, tuple(cfg.families))
+        write_jsonl(eval_path, rows[cfg.num_train :])
+        write_jsonl(train_path, rows[: cfg.num_train])
+    return train_path, eval_path
+
+
+def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) -> Path:
+    """Data + tiny model trained with masked next-token loss on the responses; returns the model dir."""
+    model_dir = Path(model_dir or Path(cfg.output_dir) / "sft")
+    train_path, eval_path = write_data(cfg)
+    if (model_dir / "config.json").exists():
+        return model_dir
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads, seed=cfg.seed)
+    examples = [parse_row(json.loads(line)) for line in train_path.read_text().splitlines()]
+    encoded = [encode(tokenizer, e.prompt, e.real) for e in examples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, cfg.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)),
+    )
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.train()
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="sft", unit="step")
+    for _ in bar:
+        batch = collate(rng.sample(encoded, min(cfg.batch_size, len(encoded))), tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        per_token = token_logps(logits, batch.input_ids, batch.response_mask)
+        loss = -per_token.sum() / batch.response_mask[:, 1:].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    from sparring.evaluation import evaluate, load_eval_set
+
+    eval_cfg = EvalConfig(source=str(eval_path))
+    scores = evaluate(model, tokenizer, load_eval_set(eval_cfg, tokenizer, 256), eval_cfg)
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "sft_summary.json", {**scores, "seconds": round(time.time() - start, 1), "steps": cfg.steps})
+    tmp.replace(model_dir)
+    print(f"proving-ground SFT model: {model_dir}  held-out exact match {scores['exact_match']:.3f}")
+    return model_dir
