@@ -99,6 +99,68 @@ class SpinConfig:
     scale: float = 0.1  # λ in the paper, `beta` in the official code
     loss: Literal["sigmoid", "hinge"] = "sigmoid"
     mix_previous: int = 1  # synthetic sets of this many earlier iterations are added to the new one
+    # Iteration 0 takes y′ from the data when rows carry one (the released SPIN_iter0 format).
+    use_dataset_generated: bool = True
+
+
+@dataclass
+class TSpinConfig:
+    """T-SPIN (Wang et al., NeurIPS 2025): reference-free triplet loss with a historical term."""
+
+    iterations: int = 5
+    scale: float = 1.0  # α, the scale of both pairwise terms
+    # β per iteration, the last value repeating: 0 at iteration 0 (y′ and y₀ both come from θ_0), then 0.1.
+    history_weight: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    loss: Literal["sigmoid", "hinge"] = "sigmoid"
+
+
+@dataclass
+class TpawConfig:
+    """TPAW (Li et al., ACL 2026): a team of recent checkpoints with dual adaptive weights."""
+
+    iterations: int = 4
+    scale: float = 0.1  # λ in P_j(z) = λ·[L_θ(z) − L_θj(z)]
+    target_weight_eta: float = 6.0  # η: α_j = η where P_j(y) ≤ 0, else 1 (1 turns target weighting off)
+    player_temperature_gamma: float = 0.5  # γ: β = softmax_j(−γ·m_j) (0 gives uniform player weights)
+    max_team_size: int = 3  # N_max: θ_t, θ_{t−1}, θ_{t−2}; also how many rounds' generations are reused
+    detach_player_weights: bool = True
+    every_player_scores_every_row: bool = True  # False: a row is scored only by the player that generated it
+    logprob_reduction: Literal["sum", "mean"] = "sum"  # L_φ(z) summed (SPIN/DPO convention) or averaged
+
+
+@dataclass
+class LspRewardConfig:
+    kind: Literal["verifier", "reward_model", "function"] = "verifier"
+    reward_model: str | None = None  # Hub id or local directory of a sequence-classification model
+    function: str | None = None  # "package.module:function" taking (query, answer) -> float
+    # Answers to a query the verifier cannot parse all get this reward: the solver learns nothing from
+    # them (zero advantage) and the challenger sees the query as fully solved (its worst case).
+    invalid_query_reward: float = 1.0
+
+
+@dataclass
+class LspConfig:
+    """LSP (Kuba et al., 2025): one model as challenger and solver, trained by REINFORCE."""
+
+    variant: Literal["zero", "self_reward"] = "zero"
+    steps: int = 1500
+    num_queries: int = 8  # N
+    answers_per_query: int = 4  # G
+    challenger_coef: float = 1.0  # α_Ch
+    kl_coef: float = 0.05  # β of the paper
+    kl_estimator: Literal["k3", "reward"] = "k3"
+    scale_std: bool = False  # LSP uses no standard-deviation scaling of advantages
+    task: str | None = None  # {task} slot of the challenger prompt
+    template: str | None = None  # {template} slot
+    challenger_prompt: str | None = None  # replaces the built-in challenger prompt (keep {task}, {template})
+    query_max_new_tokens: int = 64
+    answer_max_new_tokens: int = 64
+    judge_max_new_tokens: int = 256
+    temperature: float = 1.0
+    eval_every: int = 50  # K: held-out evaluation
+    save_every: int = 50  # K: checkpoint for resume
+    sample_every: int = 10  # K: queries and answers written to samples.jsonl
+    reward: LspRewardConfig = field(default_factory=LspRewardConfig)
 
 
 @dataclass
@@ -120,7 +182,7 @@ class SftConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["spin"] = "spin"
+    method: Literal["spin", "tspin", "tpaw", "lsp"] = "spin"
     output_dir: str = "runs/spin"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +190,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     spin: SpinConfig = field(default_factory=SpinConfig)
+    tspin: TSpinConfig = field(default_factory=TSpinConfig)
+    tpaw: TpawConfig = field(default_factory=TpawConfig)
+    lsp: LspConfig = field(default_factory=LspConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     per_iteration: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -146,6 +211,12 @@ class RunConfig:
 RESUMABLE_FIELDS = (
     "output_dir",
     "spin.iterations",
+    "tspin.iterations",
+    "tpaw.iterations",
+    "lsp.steps",
+    "lsp.eval_every",
+    "lsp.save_every",
+    "lsp.sample_every",
     "train.logging_steps",
     "train.save_steps",
     "train.logprob_batch_size",

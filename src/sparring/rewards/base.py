@@ -57,5 +57,7 @@ def score_one(reward_fn: RewardFn, query: str, answer: str) -> float:
     if len(batch) != 1:
         raise ValueError(f"reward returned {len(batch)} scores for one pair")
     if not batch.valid[0]:
-        raise ValueError(f"the reward could not judge the pair (query={query[:80]!r}, answer={answer[:80]!r})")
+        raise ValueError(
+            f"the reward could not judge the pair (query={query[:80]!r}, answer={answer[:80]!r})"
+        )
     return batch.scores[0]

@@ -45,7 +45,8 @@ class HFRewardModel:
         )
         if self.model.config.num_labels != 1:
             raise ValueError(
-                f"{name_or_path} has num_labels={self.model.config.num_labels}; a reward model needs exactly 1"
+                f"{name_or_path} has num_labels={self.model.config.num_labels}; "
+                "a reward model needs exactly 1"
             )
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
@@ -83,7 +84,7 @@ class HFRewardModel:
             ids = [row[: self.max_length] for row in ids]
             enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits  # (B, 1)
-            scores.extend(logits[:, 0].float().tolist())
+            scores.extend(logits[:, 0].double().tolist())
         for i, s in enumerate(scores):
             if not math.isfinite(s):
                 raise ValueError(f"reward model returned {s} for query={queries[i]!r}, answer={answers[i]!r}")

@@ -30,15 +30,20 @@ def _resolve(spec: str) -> Callable[[str, str], float | None]:
         # Only report "not found" for the module itself, not for a missing dependency inside it.
         if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
             raise ImportError(
-                f"reward function spec {spec!r}: module {module_name!r} not found (is it on sys.path / installed?)"
+                f"reward function spec {spec!r}: module {module_name!r} not found "
+                "(is it installed or on sys.path?)"
             ) from err
         raise
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise AttributeError(f"reward function spec {spec!r}: {module_name!r} has no attribute {attr_path!r}")
+            raise AttributeError(
+                f"reward function spec {spec!r}: {module_name!r} has no attribute {attr_path!r}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"reward function spec {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+        raise TypeError(
+            f"reward function spec {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable"
+        )
     return obj
 
 
@@ -70,7 +75,8 @@ class UserReward:
             score = float(value)
             if not math.isfinite(score):
                 raise ValueError(
-                    f"reward function {self.name} returned non-finite {score} for query={query!r}, answer={answer!r}"
+                    f"reward function {self.name} returned non-finite {score} "
+                    f"for query={query!r}, answer={answer!r}"
                 )
             scores.append(score)
             valid.append(True)

@@ -1,0 +1,28 @@
+# Set-up and the two commands of the README. PYTHON picks the interpreter that creates the venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# The CPU build of torch first, so that nothing pulls a CUDA build onto a CPU machine.
+	$(BIN)/pip install "torch==2.13.0" || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu
+
+install: $(BIN)/python
+	$(BIN)/pip install -e ".[dev]"
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/sparring run
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs build dist src/*.egg-info

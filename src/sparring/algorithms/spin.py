@@ -1,0 +1,141 @@
+"""SPIN: Self-Play Fine-Tuning (Chen et al., ICML 2024, arXiv 2401.01335).
+
+For iteration t = 0 … T−1, starting from the SFT model θ_0:
+
+1. generate: θ_t samples one response y′ for every training prompt x (the opponent's move);
+2. pairs: (x, y, y′) for this iteration, plus the pairs of the ``spin.mix_previous`` iterations before;
+3. precompute: L_θt(y) and L_θt(y′) once, in inference mode (θ_t is the frozen opponent/reference);
+4. train: θ ← θ_t, minimise mean ℓ(λ·[(L_θ(y) − L_θt(y)) − (L_θ(y′) − L_θt(y′))]) (``spin_loss``);
+5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
+
+    sparring run configs/spin/tiny.yaml spin.iterations=2
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from sparring import stages
+from sparring.config import RunConfig
+from sparring.data import encode
+from sparring.logprobs import Sequences, collate, sequence_logps
+from sparring.losses import LossOutput, spin_loss
+from sparring.state import read_jsonl, write_jsonl
+from sparring.training import score_sequences, train
+
+
+class PairRecord(NamedTuple):
+    prompt_ids: list[int]
+    real_ids: list[int]
+    generated_ids: list[int]
+    opponent_real: float  # L_θt(y)
+    opponent_generated: float  # L_θt(y′)
+
+
+class PairBatch(NamedTuple):
+    sequences: Sequences  # (2B, T): the B real sequences, then the B generated ones
+    opponent_real: torch.Tensor  # (B,)
+    opponent_generated: torch.Tensor  # (B,)
+
+
+def collate_pairs(records: list[PairRecord], pad_id: int) -> PairBatch:
+    seqs = [(r.prompt_ids, r.real_ids) for r in records] + [(r.prompt_ids, r.generated_ids) for r in records]
+    return PairBatch(
+        collate(seqs, pad_id),
+        torch.tensor([r.opponent_real for r in records], dtype=torch.float32),
+        torch.tensor([r.opponent_generated for r in records], dtype=torch.float32),
+    )
+
+
+def spin_step(model, batch: PairBatch, *, scale: float, kind: str) -> LossOutput:
+    logps = sequence_logps(model, batch.sequences)  # (2B,) one forward for real and generated
+    real, generated = logps.chunk(2)
+    return spin_loss(real, generated, batch.opponent_real, batch.opponent_generated, scale=scale, kind=kind)
+
+
+def build_pairs(s: stages.Session, t: int, cfg: RunConfig) -> list[tuple[int, str]]:
+    """(example index, y′) for iteration t's pairs: its own samples, then earlier iterations' samples."""
+    pairs = []
+    for k in range(t, max(-1, t - cfg.spin.mix_previous - 1), -1):
+        pairs += list(enumerate(generated_set(s, k, cfg)))
+    return pairs
+
+
+def uses_dataset_generated(s: stages.Session, t: int, cfg: RunConfig) -> bool:
+    return t == 0 and cfg.spin.use_dataset_generated and all(e.generated is not None for e in s.data.examples)
+
+
+def generated_set(s: stages.Session, t: int, cfg: RunConfig) -> list[str]:
+    """y′ of iteration t: from the data at t = 0 when rows carry them, else sampled from θ_t."""
+    if uses_dataset_generated(s, t, cfg):
+        return [e.generated for e in s.data.examples]
+    path = s.run_dir.iteration(t) / "generated.jsonl"
+    if not s.run_dir.is_done(f"iter{t}/generated"):
+        raise RuntimeError(f"iteration {t} has no generated responses yet ({path})")
+    return [r["text"] for r in read_jsonl(path)]
+
+
+def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    s = stages.open_session(cfg, force=force)
+    stages.evaluate_stage(s, "initial", path=None)
+    for t in range(cfg.spin.iterations):
+        if s.run_dir.is_done(f"iter{t}"):
+            continue
+        icfg = cfg.for_iteration(t)
+        model = stages.load_iterate(s, t)  # θ_t: opponent, reference and starting point
+
+        # 1. generate y′ ~ π_θt (skipped when iteration 0 reuses the data's y′)
+        if not uses_dataset_generated(s, t, icfg):
+            stages.generate(s, model, t, "generated", icfg)
+
+        # 2. pairs (x, y, y′), this iteration's and the mixed-in earlier ones
+        pairs = build_pairs(s, t, icfg)
+        tok, max_len = s.tokenizer, icfg.data.max_length
+        gen_ids = [encode(tok, s.data.examples[i].prompt, y, max_length=max_len)[1] for i, y in pairs]
+
+        # 3. opponent log-probs under θ_t, once: every real response once, every y′ once
+        n = len(s.data.examples)
+        items = list(zip(s.data.prompt_ids, s.data.real_ids)) + [
+            (s.data.prompt_ids[i], g) for (i, _), g in zip(pairs, gen_ids)
+        ]
+        logps = score_sequences(
+            model, items, pad_id=tok.pad_token_id, batch_size=icfg.train.logprob_batch_size,
+            folder=s.run_dir.iteration(t) / "opponent_logps.chunks", accelerator=s.accelerator,
+            desc=f"iter {t}: opponent log-probs",
+        )
+        records = [
+            PairRecord(s.data.prompt_ids[i], s.data.real_ids[i], g, logps[i], logps[n + j])
+            for j, ((i, _), g) in enumerate(zip(pairs, gen_ids))
+        ]
+        if s.main and not (s.run_dir.iteration(t) / "pairs.jsonl").exists():
+            write_jsonl(s.run_dir.iteration(t) / "pairs.jsonl", [
+                {"example": i, "generated": y, "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
+                for (i, y), r in zip(pairs, records)
+            ])
+
+        # 4. train θ from θ_t on the SPIN loss
+        result = train(
+            model, records,
+            collate=partial(collate_pairs, pad_id=tok.pad_token_id),
+            loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss),
+            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            desc=f"iter {t}: train",
+        )
+
+        # 5. save θ_{t+1}, evaluate, mark done
+        stages.save_model(s, model, t)
+        stages.evaluate_stage(s, f"iter{t}", model=model)
+        if s.main:
+            s.run_dir.mark_done(f"iter{t}", {"steps": result.steps, "pairs": len(records), **result.last_metrics})
+            stages.cleanup_iteration(s, t)
+        s.accelerator.wait_for_everyone()
+        stages.release(model)
+    return stages.write_report(s, cfg.spin.iterations)
+
+
+def _steps_before(s: stages.Session, t: int) -> int:
+    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))

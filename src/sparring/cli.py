@@ -1,0 +1,78 @@
+"""Command line: ``sparring run | sft | status | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparring", description="Self-play fine-tuning of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every iteration of a method; rerun to resume")
+    run.add_argument("config", nargs="?", help="YAML config (default: the built-in quickstart)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 spin.iterations=2")
+    run.add_argument("--force", action="store_true", help="resume even if result-affecting settings changed")
+    sft = sub.add_parser("sft", help="build the proving ground: data and a tiny SFT model from scratch")
+    sft.add_argument("config", nargs="?")
+    sft.add_argument("overrides", nargs="*")
+    status = sub.add_parser("status", help="which stages of a run are done")
+    status.add_argument("run_dir")
+    report = sub.add_parser("report", help="rewrite a run's results table and plot")
+    report.add_argument("run_dir")
+    args = parser.parse_args(argv)
+
+    from sparring.config import ConfigError, load_config
+    from sparring.data import DataError
+
+    try:
+        if args.command in ("run", "sft"):
+            config, overrides = _split_config(args.config, args.overrides)
+            cfg = load_config(config, overrides)
+            if args.command == "sft":
+                from sparring.tasks.sft import build_proving_ground
+
+                build_proving_ground(cfg.sft, cfg.model.name_or_path if cfg.model.build_proving_ground else None)
+                return 0
+            from sparring import algorithms
+
+            algorithms.get(cfg.method)(cfg, force=args.force)
+            return 0
+        if args.command == "status":
+            state = json.loads((Path(args.run_dir) / "state.json").read_text())
+            print(f"method: {state.get('method')}")
+            for stage, info in state["stages"].items():
+                print(f"  done  {stage}  {json.dumps(info) if info else ''}")
+            return 0
+        if args.command == "report":
+            return _report(Path(args.run_dir))
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`sparring run train.lr=1e-6` means the quickstart config with an override."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def _report(run_dir: Path) -> int:
+    from sparring.config import load_config
+    from sparring.evaluation.report import collect, plot, table
+    from sparring.state import RunDir
+
+    cfg = load_config(run_dir / "config.yaml")
+    iterations = getattr(cfg, cfg.method).iterations
+    rows = collect(RunDir(run_dir), iterations)
+    print(table(rows))
+    plot(rows, run_dir / "plot.png", title=cfg.method)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

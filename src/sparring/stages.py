@@ -1,0 +1,162 @@
+"""Idempotent stages shared by the iterative methods: set-up, generate, save, evaluate, report.
+
+Each stage checks state.json first and records itself when finished, so rerunning a command skips
+whatever was done and redoes only what a kill interrupted.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparring.config import RunConfig
+from sparring.data.dataset import TrainingSet, load_training_set
+from sparring.evaluation import evaluate, load_eval_set
+from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
+from sparring.modeling import ensure_base_model, load_model, load_tokenizer, make_accelerator
+from sparring.state import RunDir, atomic_write_json, read_jsonl, write_jsonl
+from sparring.training import MetricsLogger
+
+
+@dataclass
+class Session:
+    """What every stage of one run needs."""
+
+    cfg: RunConfig
+    run_dir: RunDir
+    accelerator: object
+    tokenizer: object
+    data: TrainingSet
+    logger: MetricsLogger
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def open_session(cfg: RunConfig, *, force: bool = False) -> Session:
+    accelerator = make_accelerator(cfg)
+    run_dir = RunDir(cfg.output_dir)
+    if accelerator.is_main_process:
+        ensure_base_model(cfg)
+        resumed = run_dir.start(cfg, force=force)
+        print(f"{'resuming' if resumed else 'starting'} {cfg.method} run in {run_dir.root}")
+    accelerator.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_training_set(cfg.data, tokenizer)
+    if data.report.skipped and accelerator.is_main_process:
+        print(f"skipped {sum(data.report.skipped.values())} bad rows: {dict(data.report.skipped)}")
+    logger = MetricsLogger(run_dir.metrics_path, run_dir.root / "tb", enabled=accelerator.is_main_process)
+    return Session(cfg, run_dir, accelerator, tokenizer, data, logger)
+
+
+def model_path(s: Session, t: int) -> str | Path | None:
+    """θ_t: the base model for t = 0, else the checkpoint iteration t−1 saved (None = base)."""
+    return None if t == 0 else s.run_dir.model(t - 1)
+
+
+def load_iterate(s: Session, t: int):
+    return load_model(s.cfg.model, model_path(s, t), device=s.accelerator.device)
+
+
+def release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None) -> list[str]:
+    """One sampled response per training prompt from ``model``, stored as iter_t/{name}.jsonl."""
+    cfg = cfg or s.cfg
+    out = s.run_dir.iteration(t) / f"{name}.jsonl"
+    stage = f"iter{t}/{name}"
+    if not s.run_dir.is_done(stage):
+        if cfg.generation.backend == "vllm":
+            from sparring.generation.vllm import VLLMGenerator
+
+            generator = VLLMGenerator.from_model(model, s.tokenizer)
+        else:
+            generator = HFGenerator(model, s.tokenizer)
+        rows = generate_responses(
+            generator,
+            s.data.prompt_ids,
+            SamplingParams.from_config(cfg.generation),
+            folder=s.run_dir.iteration(t) / f"{name}.chunks",
+            seed=batch_seed(cfg.generation.seed, name, t),
+            batch_size=cfg.generation.batch_size,
+            accelerator=s.accelerator,
+            desc=f"iter {t}: generate {name}",
+        )
+        if s.main:
+            write_jsonl(out, [
+                {"row": e.row, "prompt": e.prompt, "real": e.real, **r} for e, r in zip(s.data.examples, rows)
+            ])
+            s.run_dir.mark_done(stage, {"finished": sum(r["finished"] for r in rows), "rows": len(rows)})
+            shutil.rmtree(s.run_dir.iteration(t) / f"{name}.chunks", ignore_errors=True)
+        s.accelerator.wait_for_everyone()
+    return [r["text"] for r in read_jsonl(out)]
+
+
+def cleanup_iteration(s: Session, t: int) -> None:
+    """Drop what only a resume of iteration t needed (training checkpoints, log-prob chunks)."""
+    folder = s.run_dir.iteration(t)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    for chunks in folder.glob("*.chunks"):
+        shutil.rmtree(chunks, ignore_errors=True)
+
+
+def save_model(s: Session, model, t: int) -> None:
+    """θ_{t+1} with save_pretrained (safetensors) and the tokenizer, renamed into place."""
+    target = s.run_dir.model(t)
+    tmp = target.with_name(target.name + ".tmp")
+    unwrapped = s.accelerator.unwrap_model(model)
+    if s.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s.accelerator.wait_for_everyone()
+    unwrapped.save_pretrained(tmp, is_main_process=s.main, save_function=s.accelerator.save)
+    if s.main:
+        s.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    s.accelerator.wait_for_everyone()
+
+
+def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:
+    """Held-out evaluation of a model, once: cached in RUN/eval/{label}.json and logged."""
+    out = s.run_dir.root / "eval" / f"{label}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    if not s.cfg.eval.source:
+        return None
+    scores = None
+    if s.main:  # small held-out sets: evaluated by the main process only
+        own = model is None
+        model = load_model(s.cfg.model, path, device=s.accelerator.device) if own else s.accelerator.unwrap_model(model)
+        data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
+        scores = {"label": label, **evaluate(model, s.tokenizer, data, s.cfg.eval)}
+        atomic_write_json(out, scores)
+        s.logger.log({"kind": "eval", **scores})
+        if own:
+            release(model)
+    s.accelerator.wait_for_everyone()
+    return json.loads(out.read_text())
+
+
+def write_report(s: Session, iterations: int) -> list[dict]:
+    """results.md (the per-iteration table) and plot.png (accuracy and margins per iteration)."""
+    from sparring.evaluation.report import collect, plot, table
+
+    rows = collect(s.run_dir, iterations)
+    if s.main:
+        text = table(rows)
+        (s.run_dir.root / "results.md").write_text(text + "\n")
+        plot(rows, s.run_dir.root / "plot.png", title=f"{s.cfg.method} on {Path(s.cfg.data.source).name}")
+        print(text)
+        print(f"plot: {s.run_dir.root / 'plot.png'}")
+    return rows

@@ -1,0 +1,158 @@
+"""The shared training loop on accelerate, fed by composition (a collate function and a loss step).
+
+Every method calls ``train(...)`` with its records, a ``collate(records) -> batch`` and a
+``loss_step(model, batch) -> LossOutput``. The loop owns the data order (a seeded permutation per
+epoch), gradient accumulation, clipping, the optimizer and schedule, logging and resumable
+checkpoints: every ``save_steps`` optimizer steps the model, optimizer, scheduler and RNG states are
+saved with ``accelerator.save_state``; a rerun loads the newest one and skips the steps it covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparring.config import TrainConfig
+from sparring.losses import LossOutput
+from sparring.training.metrics import MetricsLogger
+from sparring.training.optim import linear_schedule, make_optimizer
+
+SCHEDULE_FILE = "schedule.pt"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_metrics: dict[str, float]
+
+
+def plan_steps(n: int, cfg: TrainConfig, world: int) -> list[list[list[int]]]:
+    """Optimizer steps → micro-batches → record indices (global, before splitting across processes)."""
+    micro = cfg.batch_size * world
+    steps = []
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        micros = [perm[i : i + micro] for i in range(0, n, micro)]
+        steps += [micros[i : i + cfg.grad_accum] for i in range(0, len(micros), cfg.grad_accum)]
+    return steps
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(b, device) for b in batch))
+    return batch
+
+
+def _latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
+    done = sorted(folder.glob("step-*[0-9]")) if folder.exists() else []
+    return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
+
+
+def train(
+    model: torch.nn.Module,
+    records: list[Any],
+    *,
+    collate: Callable[[list[Any]], Any],
+    loss_step: Callable[[torch.nn.Module, Any], LossOutput],
+    cfg: TrainConfig,
+    accelerator,
+    folder: Path,
+    logger: MetricsLogger,
+    log_fields: dict[str, Any],
+    global_step_offset: int = 0,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``records``; resumes from the newest checkpoint under ``folder``."""
+    if not records:
+        raise ValueError("no training records")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = plan_steps(len(records), cfg, world)
+    total = len(plan)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
+    # The scheduler is stepped by hand once per optimizer step (accelerate would step it per process)
+    # and saved beside accelerate's state.
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start = 0
+    checkpoints = folder / "checkpoints"
+    if latest := _latest_checkpoint(checkpoints):
+        start, path = latest
+        accelerator.load_state(str(path))
+        scheduler.load_state_dict(torch.load(path / SCHEDULE_FILE, weights_only=True))
+    logger.drop(lambda r: r.get("kind") == "train" and _same(r, log_fields) and r["step"] > start)
+    logger.open_tensorboard(purge_step=global_step_offset + start + 1)
+
+    last: dict[str, float] = {}
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, unit="step")
+    for step in range(start, total):
+        micro_batches = [m[rank::world] or m[:1] for m in plan[step]]  # this process's share
+        count = sum(len(m) for m in micro_batches)
+        sums: dict[str, float] = {}
+        for j, indices in enumerate(micro_batches):
+            batch = to_device(collate([records[i] for i in indices]), accelerator.device)
+            last_micro = j == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                out = loss_step(model, batch)
+                # Example-weighted mean over the step's micro-batches (the last one may be smaller).
+                accelerator.backward(out.loss.sum() / count)
+            weight = len(indices) / count
+            sums["loss"] = sums.get("loss", 0.0) + out.loss.detach().mean().item() * weight
+            for key, value in out.metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        values = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), reduction="mean")
+        metrics = dict(zip(sums, values.tolist()))
+        last = {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if done % cfg.logging_steps == 0 or done == total:
+            row = {"kind": "train", **log_fields, "step": done, "epoch": round(done / total * cfg.epochs, 4), **last}
+            logger.log(row, step=global_step_offset + done)
+        if done % cfg.save_steps == 0 and done < total:
+            _save_checkpoint(accelerator, scheduler, checkpoints, done)
+    bar.close()
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the next iteration prepares a new model and optimizer
+    return TrainResult(steps=total, last_metrics=last)
+
+
+def _same(row: dict, fields: dict[str, Any]) -> bool:
+    return all(row.get(k) == v for k, v in fields.items())
+
+
+def _save_checkpoint(accelerator, scheduler, folder: Path, step: int) -> None:
+    """save_state into a temporary folder, rename it into place, then drop older checkpoints."""
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULE_FILE)
+        tmp.replace(final)
+        for old in folder.glob("step-*[0-9]"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

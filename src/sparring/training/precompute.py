@@ -1,0 +1,44 @@
+"""Inference-mode log-prob passes over fixed sequences (opponent / team references, scoring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sparring.logprobs import collate, sequence_logps
+from sparring.state import ChunkStore
+
+
+@torch.inference_mode()
+def score_sequences(
+    model,
+    items: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    folder: Path,
+    accelerator=None,
+    desc: str = "log-probs",
+) -> list[float]:
+    """L(z) for every (prompt ids, response ids), in order; batches written as chunks (resumable)."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]) + len(items[i][1]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    store = ChunkStore(folder)
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    main = accelerator is None or accelerator.is_main_process
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
+    for k in tqdm(mine, desc=desc, disable=not main or not mine, unit="batch"):
+        batch = collate([items[i] for i in batches[k]], pad_id)
+        logps = sequence_logps(model, type(batch)(*(t.to(device) for t in batch)))
+        store.write(k, [{"index": i, "logp": v} for i, v in zip(batches[k], logps.double().tolist())])
+    model.train(was_training)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    by_index = {r["index"]: r["logp"] for r in store.read_all(len(batches))}
+    return [by_index[i] for i in range(len(items))]

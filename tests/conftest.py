@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny proving ground (data + SFT model) built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_ground(tmp_path_factory) -> dict[str, str]:
+    """{"model", "train", "eval"}: a small SFT model (seconds of CPU) and its data files."""
+    from sparring.config import SftConfig
+    from sparring.tasks.sft import build_proving_ground
+
+    root = tmp_path_factory.mktemp("ground")
+    cfg = SftConfig(output_dir=str(root), num_train=200, num_eval=40, hidden_size=64, steps=60, batch_size=32)
+    model = build_proving_ground(cfg)
+    return {"model": str(model), "train": str(root / "data" / "train.jsonl"), "eval": str(root / "data" / "eval.jsonl")}
+
+
+def tiny_overrides(ground: dict[str, str], out: Path) -> list[str]:
+    """Dotted overrides pointing a tiny config at the session's proving ground and ``out``."""
+    return [
+        f"output_dir={out}",
+        f"model.name_or_path={ground['model']}",
+        "model.build_proving_ground=false",
+        f"data.source={ground['train']}",
+        f"eval.source={ground['eval']}",
+    ]
