@@ -1,0 +1,80 @@
+"""The one log-prob function on hand-built padded batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparring.logprobs import collate, sequence_logps, token_logps
+
+
+class TableModel(torch.nn.Module):
+    """A bigram "LM": the logits at position t depend only on token t (a fixed table), so expected
+    log-probs can be computed by hand."""
+
+    def __init__(self, vocab: int = 6):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def by_hand(model: TableModel, prompt: list[int], response: list[int]) -> float:
+    seq = prompt + response
+    logp = torch.log_softmax(model.table, dim=-1)
+    return sum(logp[seq[t - 1], seq[t]].item() for t in range(len(prompt), len(seq)))
+
+
+def test_collate_right_pads_and_marks_response_tokens():
+    batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 1, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 0], [0, 1, 1, 1]]
+
+
+def test_sequence_logps_sum_only_response_tokens_excluding_prompt_and_padding():
+    model = TableModel()
+    pairs = [([1, 2], [3]), ([4], [5, 1, 2]), ([2, 2, 2], [1, 1])]
+    batch = collate(pairs, pad_id=0)
+    got = sequence_logps(model, batch)
+    expected = torch.tensor([by_hand(model, p, r) for p, r in pairs], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    # Changing a padding id or a prompt-independent position outside the mask changes nothing.
+    batch2 = batch._replace(input_ids=batch.input_ids.clone())
+    batch2.input_ids[0, 3] = 5  # padding position of row 0
+    torch.testing.assert_close(sequence_logps(model, batch2), got)
+    mean = sequence_logps(model, batch, average=True)
+    torch.testing.assert_close(mean.double(), expected / torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64))
+
+
+def test_token_logps_are_zero_outside_the_response():
+    model = TableModel()
+    batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
+    per_token = token_logps(model(batch.input_ids).logits, batch.input_ids, batch.response_mask)
+    assert per_token.shape == (2, 3)
+    assert (per_token[0, [0, 2]] == 0).all() and per_token[0, 1] < 0
+    assert (per_token[1] < 0).all()
+
+
+def test_longer_response_with_same_per_token_logprob_scales_linearly():
+    # A uniform model: every token has log-prob −log V, so L = −n·log V (spec SPIN fact 8).
+    model = TableModel()
+    with torch.no_grad():
+        model.table.zero_()
+    batch = collate([([1], [2, 3]), ([1], [2, 3, 4, 5])], pad_id=0)
+    got = sequence_logps(model, batch)
+    torch.testing.assert_close(got.double(), torch.tensor([-2 * math.log(6), -4 * math.log(6)], dtype=torch.float64))
+
+
+def test_padding_does_not_change_a_real_model_logps():
+    from sparring.tasks import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, layers=1, heads=2)
+    pairs = [([5, 6, 7, 8, 9], [10, 11]), ([5], [12, 13, 14, 15, 16, 17])]
+    together = sequence_logps(model, collate(pairs, tok.pad_token_id))
+    alone = torch.cat([sequence_logps(model, collate([p], tok.pad_token_id)) for p in pairs])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
