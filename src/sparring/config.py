@@ -63,6 +63,7 @@ class GenerationConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     seed: int = 42
+    vllm_gpu_memory_utilization: float = 0.5  # the HF model of the iterate stays loaded beside vLLM
 
 
 @dataclass
@@ -161,6 +162,11 @@ class LspConfig:
     save_every: int = 50  # K: checkpoint for resume
     sample_every: int = 10  # K: queries and answers written to samples.jsonl
     reward: LspRewardConfig = field(default_factory=LspRewardConfig)
+    # LoRA (needs peft): 0 trains every weight and holds a second, frozen copy as π_Ref; r > 0 trains
+    # adapters and uses the base model with adapters disabled as π_Ref (no second copy).
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -178,6 +184,9 @@ class SftConfig:
     batch_size: int = 64
     lr: float = 3.0e-3
     seed: int = 0
+    # LSP's challenger role: when set, every training query is also a reply to this user prompt, so the
+    # tiny model can write queries when LSP prompts it with the same (slot-filled) challenger prompt.
+    challenger_prompt: str | None = None
 
 
 @dataclass
@@ -220,6 +229,7 @@ RESUMABLE_FIELDS = (
     "train.logging_steps",
     "train.save_steps",
     "train.logprob_batch_size",
+    "generation.vllm_gpu_memory_utilization",
     "eval",
     "model.build_proving_ground",
 )
@@ -377,6 +387,28 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("spin.iterations must be >= 1")
     if cfg.spin.mix_previous < 0:
         raise ConfigError("spin.mix_previous must be >= 0")
+    _validate_lsp(cfg.lsp)
+
+
+def _validate_lsp(lsp: LspConfig) -> None:
+    if lsp.num_queries < 2 or lsp.answers_per_query < 2:
+        raise ConfigError(
+            f"LSP needs lsp.num_queries >= 2 and lsp.answers_per_query >= 2 (got N={lsp.num_queries}, "
+            f"G={lsp.answers_per_query}): with G = 1 every solver advantage and with N = 1 every "
+            "challenger advantage is identically zero"
+        )
+    if min(lsp.steps, lsp.eval_every, lsp.save_every, lsp.sample_every) < 1:
+        raise ConfigError("lsp.steps, lsp.eval_every, lsp.save_every and lsp.sample_every must be >= 1")
+    if min(lsp.query_max_new_tokens, lsp.answer_max_new_tokens, lsp.judge_max_new_tokens) < 1:
+        raise ConfigError("lsp.query_max_new_tokens, answer_max_new_tokens and judge_max_new_tokens must be >= 1")
+    if lsp.kl_coef < 0 or lsp.challenger_coef < 0 or lsp.temperature <= 0:
+        raise ConfigError("lsp.kl_coef and lsp.challenger_coef must be >= 0 and lsp.temperature > 0")
+    if lsp.reward.kind == "reward_model" and not lsp.reward.reward_model:
+        raise ConfigError("lsp.reward.kind=reward_model needs lsp.reward.reward_model (a Hub id or local directory)")
+    if lsp.reward.kind == "function" and not lsp.reward.function:
+        raise ConfigError("lsp.reward.kind=function needs lsp.reward.function ('package.module:function')")
+    if lsp.lora_r < 0:
+        raise ConfigError("lsp.lora_r must be >= 0 (0 turns LoRA off)")
 
 
 def _check_key(base: dict[str, Any], key: str, iteration: int) -> None:

@@ -31,7 +31,7 @@ class Session:
     run_dir: RunDir
     accelerator: object
     tokenizer: object
-    data: TrainingSet
+    data: TrainingSet | None  # None for methods that train on no data set (LSP)
     logger: MetricsLogger
 
     @property
@@ -39,7 +39,7 @@ class Session:
         return self.accelerator.is_main_process
 
 
-def open_session(cfg: RunConfig, *, force: bool = False) -> Session:
+def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True) -> Session:
     accelerator = make_accelerator(cfg)
     run_dir = RunDir(cfg.output_dir)
     if accelerator.is_main_process:
@@ -48,8 +48,8 @@ def open_session(cfg: RunConfig, *, force: bool = False) -> Session:
         print(f"{'resuming' if resumed else 'starting'} {cfg.method} run in {run_dir.root}")
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model)
-    data = load_training_set(cfg.data, tokenizer)
-    if data.report.skipped and accelerator.is_main_process:
+    data = load_training_set(cfg.data, tokenizer) if load_data else None
+    if data is not None and data.report.skipped and accelerator.is_main_process:
         print(f"skipped {sum(data.report.skipped.values())} bad rows: {dict(data.report.skipped)}")
     logger = MetricsLogger(run_dir.metrics_path, run_dir.root / "tb", enabled=accelerator.is_main_process)
     return Session(cfg, run_dir, accelerator, tokenizer, data, logger)
@@ -80,7 +80,9 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
         if cfg.generation.backend == "vllm":
             from sparring.generation.vllm import VLLMGenerator
 
-            generator = VLLMGenerator.from_model(model, s.tokenizer)
+            path = model_path(s, t) or cfg.model.name_or_path  # vLLM loads θ_t from disk
+            generator = VLLMGenerator(path, s.tokenizer, gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
+                                      trust_remote_code=cfg.model.trust_remote_code)
         else:
             generator = HFGenerator(model, s.tokenizer)
         rows = generate_responses(
@@ -93,6 +95,8 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
             accelerator=s.accelerator,
             desc=f"iter {t}: generate {name}",
         )
+        if hasattr(generator, "close"):
+            generator.close()
         if s.main:
             write_jsonl(out, [
                 {"row": e.row, "prompt": e.prompt, "real": e.real, **r} for e, r in zip(s.data.examples, rows)

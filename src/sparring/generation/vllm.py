@@ -1,0 +1,57 @@
+"""vLLM backend (``generation.backend: vllm``, extra ``sparring[vllm]``), for GPUs.
+
+vLLM loads the checkpoint from disk (the iterate θ_t saved by the previous iteration), takes the
+same rendered prompt token ids as the Hugging Face backend and the same per-batch seeds. The SPIN
+maintainers note that vLLM samples differ from HF generation; use ``hf`` to reproduce the paper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparring.generation.base import Completion, SamplingParams
+
+
+class VLLMGenerator:
+    def __init__(self, path: str | Path, tokenizer, *, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
+                 trust_remote_code: bool = False):
+        try:
+            from vllm import LLM
+        except ImportError as err:  # pragma: no cover - needs the extra
+            raise ImportError("generation.backend=vllm needs vLLM: pip install 'sparring[vllm]'") from err
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                       gpu_memory_utilization=gpu_memory_utilization)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.inputs import TokensPrompt
+
+        sampling = VLLMSampling(
+            n=1,
+            temperature=params.temperature if params.do_sample else 0.0,
+            top_p=params.top_p if params.do_sample else 1.0,
+            top_k=params.top_k if (params.do_sample and params.top_k) else -1,
+            max_tokens=params.max_new_tokens,
+            seed=seed,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        completions = []
+        for out in outputs:
+            ids = list(out.outputs[0].token_ids)
+            finished = out.outputs[0].finish_reason == "stop"
+            ids = ids[: ids.index(eos)] if eos in ids else ids
+            completions.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
+        return completions
+
+    def close(self) -> None:
+        """Free the GPU memory vLLM holds before training starts."""
+        import gc
+
+        import torch
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

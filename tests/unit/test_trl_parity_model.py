@@ -1,0 +1,87 @@
+"""SPIN = DPO with real = chosen: TRL's DPOTrainer computes loss, log-probs and gradients on the same
+tiny Llama and batch as sparring's log-prob function + ``spin_loss`` (TRL's own fused LM head)."""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from sparring.logprobs import collate, sequence_logps
+from sparring.losses import spin_loss
+from sparring.tasks import build_tiny_model, build_tokenizer
+
+BETA = 0.1
+
+
+def _identity(x):
+    return x
+
+
+def trl_loss(policy, reference, batch, pairs_count):
+    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    utils = pytest.importorskip("trl.trainer.utils")
+    # As DPOTrainer.__init__ does: the policy's head also returns the fields its metrics read.
+    utils.add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    utils.add_fused_lm_head(reference)
+    trainer = object.__new__(dpo.DPOTrainer)
+    fields = {
+        "accelerator": types.SimpleNamespace(device=torch.device("cpu"), gather=_identity,
+                                             gather_for_metrics=_identity, unwrap_model=_identity),
+        "args": types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        "model": policy,
+        "ref_model": reference,
+        "beta": BETA,
+        "loss_types": ["sigmoid"],
+        "loss_weights": [1.0],
+        "ld_alpha": None,
+        "f_divergence_type": "reverse_kl",
+        "f_alpha_divergence_coef": 1.0,
+        "label_smoothing": 0.0,
+        "use_weighting": False,
+        "aux_loss_enabled": False,
+        "precompute_ref_logps": False,
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "_total_train_tokens": 0,
+        "_tp_size": 1,
+    }
+    for name, value in fields.items():
+        setattr(trainer, name, value)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "completion_mask": batch.response_mask}
+    loss = trainer._compute_loss(policy, inputs, return_outputs=False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def test_spin_loss_on_a_tiny_model_matches_trl_dpo():
+    tok = build_tokenizer()
+    policy = build_tiny_model(tok, hidden_size=32, layers=2, heads=2, seed=1)
+    reference = build_tiny_model(tok, hidden_size=32, layers=2, heads=2, seed=2)
+    reference.requires_grad_(False)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("<|user|>What is 1 + 2?<|end|><|assistant|>"), enc("<|user|>Sort the digits 3 1.<|end|><|assistant|>")]
+    real = [enc("3<|end|>"), enc("1 3<|end|>")]
+    generated = [enc("12<|end|>"), enc("3 1 1<|end|>")]
+    # TRL's layout: [chosen; rejected], right-padded, completion tokens marked.
+    batch = collate([(p, r) for p, r in zip(prompts, real)] + [(p, g) for p, g in zip(prompts, generated)],
+                    tok.pad_token_id)
+
+    logps = sequence_logps(policy, batch)
+    with torch.no_grad():
+        ref = sequence_logps(reference, batch)
+    ours = spin_loss(logps[:2], logps[2:], ref[:2], ref[2:], scale=BETA, kind="sigmoid")
+    our_loss = ours.loss.mean()
+    our_grads = torch.autograd.grad(our_loss, list(policy.parameters()))
+
+    theirs, metrics = trl_loss(policy, reference, batch, 2)
+    their_grads = torch.autograd.grad(theirs, list(policy.parameters()))
+
+    assert abs(our_loss.item() - 0.693147) > 1e-3  # policy ≠ reference: not the trivial log 2 point
+    torch.testing.assert_close(our_loss, theirs, rtol=1e-5, atol=1e-6)
+    for mine, trl in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6)
+    assert ours.metrics["rewards/real"].item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert ours.metrics["rewards/generated"].item() == pytest.approx(metrics["rewards/rejected"], abs=1e-5)
+    assert ours.metrics["logps/real"].item() == pytest.approx(metrics["logps/chosen"], abs=1e-4)
