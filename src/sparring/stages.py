@@ -64,7 +64,9 @@ def load_iterate(s: Session, t: int):
     return load_model(s.cfg.model, model_path(s, t), device=s.accelerator.device)
 
 
-def release(model) -> None:
+def release(model, s: Session | None = None) -> None:
+    if s is not None:
+        s.accelerator.free_memory()
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -120,10 +122,11 @@ def save_model(s: Session, model, t: int) -> None:
     target = s.run_dir.model(t)
     tmp = target.with_name(target.name + ".tmp")
     unwrapped = s.accelerator.unwrap_model(model)
+    state_dict = s.accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
     if s.main:
         shutil.rmtree(tmp, ignore_errors=True)
     s.accelerator.wait_for_everyone()
-    unwrapped.save_pretrained(tmp, is_main_process=s.main, save_function=s.accelerator.save)
+    unwrapped.save_pretrained(tmp, is_main_process=s.main, save_function=s.accelerator.save, state_dict=state_dict)
     if s.main:
         s.tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)

@@ -127,13 +127,13 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.save_model(s, model, t)
-        stages.evaluate_stage(s, f"iter{t}", model=model)
+        stages.save_model(s, result.model, t)
+        stages.evaluate_stage(s, f"iter{t}", model=result.model)
         if s.main:
             s.run_dir.mark_done(f"iter{t}", {"steps": result.steps, "pairs": len(records), **result.last_metrics})
             stages.cleanup_iteration(s, t)
         s.accelerator.wait_for_everyone()
-        stages.release(model)
+        stages.release(model, s)
     return stages.write_report(s, cfg.spin.iterations)
 
 

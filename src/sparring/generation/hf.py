@@ -34,13 +34,19 @@ class HFGenerator:
             use_cache=True,
             **(sampling if params.do_sample else {}),
         )
-        was_training = self.model.training
+        was_training, saved = self.model.training, self.model.generation_config
+        # generate() fills settings left at library defaults from the model's generation_config, so the
+        # model's own config is swapped for ours while generating.
+        self.model.generation_config = gen_config
         self.model.eval()
         torch.manual_seed(seed)
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
-        )
-        self.model.train(was_training)
+        try:
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+            )
+        finally:
+            self.model.generation_config = saved
+            self.model.train(was_training)
         completions = []
         for row in out[:, width:].tolist():
             finished = tok.eos_token_id in row

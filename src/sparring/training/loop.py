@@ -10,6 +10,7 @@ saved with ``accelerator.save_state``; a rerun loads the newest one and skips th
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ SCHEDULE_FILE = "schedule.pt"
 class TrainResult:
     steps: int
     last_metrics: dict[str, float]
+    model: Any = None  # the model as prepared by accelerate (DDP/FSDP/DeepSpeed wrapper): save from this
 
 
 def plan_steps(n: int, cfg: TrainConfig, world: int) -> list[list[list[int]]]:
@@ -80,6 +82,9 @@ def train(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    accelerator.free_memory()  # drop the previous iteration's prepared model and optimizer
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:  # no dataloader is prepared
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
     # The scheduler is stepped by hand once per optimizer step (accelerate would step it per process)
@@ -101,6 +106,7 @@ def train(
         micro_batches = [m[rank::world] or m[:1] for m in plan[step]]  # this process's share
         count = sum(len(m) for m in micro_batches)
         sums: dict[str, float] = {}
+        shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
         for j, indices in enumerate(micro_batches):
             batch = to_device(collate([records[i] for i in indices]), accelerator.device)
             last_micro = j == len(micro_batches) - 1
@@ -110,9 +116,15 @@ def train(
                 # Example-weighted mean over the step's micro-batches (the last one may be smaller).
                 accelerator.backward(out.loss.sum() / count)
             weight = len(indices) / count
-            sums["loss"] = sums.get("loss", 0.0) + out.loss.detach().mean().item() * weight
-            for key, value in out.metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * weight
+            for key, value in {"loss": out.loss.detach().mean(), **out.metrics}.items():
+                value = float(value)
+                sums.setdefault(key, 0.0)
+                shares.setdefault(key, 0.0)
+                # A NaN metric was not measured in this micro-batch (a TPAW player that scores none of
+                # its rows): leave it out of the mean instead of poisoning it. The loss is never skipped.
+                if key == "loss" or not math.isnan(value):
+                    sums[key] += value * weight
+                    shares[key] += weight
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -120,8 +132,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
-        values = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), reduction="mean")
-        metrics = dict(zip(sums, values.tolist()))
+        totals = torch.tensor([*sums.values(), *shares.values()], device=accelerator.device)
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        metrics = {k: v / w if w > 0 else math.nan for k, v, w in zip(sums, totals, totals[len(sums) :])}
         last = {**metrics, "grad_norm": float(grad_norm), "lr": lr}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if done % cfg.logging_steps == 0 or done == total:
@@ -132,8 +145,7 @@ def train(
     bar.close()
     logger.close()
     accelerator.wait_for_everyone()
-    accelerator.free_memory()  # the next iteration prepares a new model and optimizer
-    return TrainResult(steps=total, last_metrics=last)
+    return TrainResult(steps=total, last_metrics=last, model=model)
 
 
 def _same(row: dict, fields: dict[str, Any]) -> bool:
