@@ -22,22 +22,17 @@ def collect(run_dir: RunDir, iterations: int) -> list[dict]:
         if mine:
             last_epoch = [r for r in mine if r["epoch"] > mine[-1]["epoch"] - 1] or mine
             for key in ("rewards/margins", "rewards/accuracies", "loss"):
-                if key in last_epoch[0]:
-                    row[key] = sum(r[key] for r in last_epoch) / len(last_epoch)
+                values = [r[key] for r in last_epoch if key in r and r[key] == r[key]]  # NaN: not measured
+                if values:
+                    row[key] = sum(values) / len(values)
         rows.append(row)
     return rows
 
 
 def _metrics(run_dir: RunDir) -> list[dict]:
-    if not run_dir.metrics_path.exists():
-        return []
-    out = []
-    for line in run_dir.metrics_path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    from sparring.training.metrics import MetricsLogger
+
+    return MetricsLogger(run_dir.metrics_path).rows()
 
 
 def table(rows: list[dict]) -> str:
