@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	# The CPU build of torch first, so that nothing pulls a CUDA build onto a CPU machine.
-	$(BIN)/pip install "torch==2.13.0" || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu
+	# torch first and pinned: on CPU machines this is the CPU build; an unpinned torch pulled in by
+	# another package would be a several-GB CUDA build.
+	$(BIN)/pip install "torch==2.13.0"
 
 install: $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"

@@ -2,7 +2,7 @@
 
 import importlib
 
-METHODS = ("spin",)
+METHODS = ("spin", "tspin", "tpaw", "lsp")
 
 
 def get(method: str):

@@ -13,10 +13,12 @@ from sparring.rewards.self_judge import (
     parse_quality_score,
 )
 from sparring.rewards.user_fn import UserReward, load_user_reward
+from sparring.rewards.verifier import ProvingGroundVerifier
 
 __all__ = [
     "SELF_REWARD_PROMPT",
     "HFRewardModel",
+    "ProvingGroundVerifier",
     "QualityScore",
     "RewardBatch",
     "RewardFn",

@@ -43,6 +43,9 @@ def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) ->
     model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads, seed=cfg.seed)
     examples = [parse_row(json.loads(line)) for line in train_path.read_text().splitlines()]
     encoded = [encode(tokenizer, e.prompt, e.real) for e in examples]
+    if cfg.challenger_prompt:  # challenger rows: the prompt in, one of the training queries out
+        challenger = [{"role": "user", "content": cfg.challenger_prompt}]
+        encoded += [encode(tokenizer, challenger, e.prompt[-1]["content"]) for e in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -21,8 +21,12 @@ def score_sequences(
     folder: Path,
     accelerator=None,
     desc: str = "log-probs",
+    average: bool = False,
 ) -> list[float]:
-    """L(z) for every (prompt ids, response ids), in order; batches written as chunks (resumable)."""
+    """L(z) for every (prompt ids, response ids), in order; batches written as chunks (resumable).
+
+    ``average`` scores the per-token mean instead of the sum (``sequence_logps(average=True)``).
+    """
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]) + len(items[i][1]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     store = ChunkStore(folder)
@@ -35,7 +39,7 @@ def score_sequences(
     mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
     for k in tqdm(mine, desc=desc, disable=not main or not mine, unit="batch"):
         batch = collate([items[i] for i in batches[k]], pad_id)
-        logps = sequence_logps(model, type(batch)(*(t.to(device) for t in batch)))
+        logps = sequence_logps(model, type(batch)(*(t.to(device) for t in batch)), average=average)
         store.write(k, [{"index": i, "logp": v} for i, v in zip(batches[k], logps.double().tolist())])
     model.train(was_training)
     if accelerator is not None:
