@@ -1,0 +1,258 @@
+"""LSP: Language Self-Play For Data-Free Training (Kuba et al., 2025, arXiv 2509.07414).
+
+One model θ plays both roles; π_Ref is the frozen initial model. For step t = 1 … T (Algorithm 1):
+
+1. challenger: sample N queries q_i ~ π_θ(·|⟨cp⟩), the challenger prompt as a user turn;
+2. solver: sample G answers a_i^j ~ π_θ(·|q_i), q_i alone as a user turn;
+3. rewards: R(q_i, a_i^j) from ``lsp.reward`` (verifier, reward model or function); LSP
+   (``variant: self_reward``) adds R_Q ∈ {0..7} graded by π_Ref; advantages A_Sol (group baseline),
+   A_Ch (batch baseline) with ``lsp_advantages``;
+4. loss: L_Sol + α_Ch·L_Ch, sequence-level REINFORCE with a KL penalty to π_Ref (``reinforce_loss``);
+5. one optimizer step; every K steps: samples.jsonl, a resumable checkpoint, held-out evaluation.
+
+The run needs no training data. Rerunning the command resumes from the newest checkpoint; rollouts
+are seeded by (seed, step, role), so a resumed run repeats the uninterrupted one.
+
+    sparring run configs/lsp/tiny.yaml lsp.steps=20
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from sparring import stages
+from sparring.config import LspConfig, RunConfig
+from sparring.losses import lsp_advantages
+from sparring.lsp_rollouts import (
+    Reference,
+    Rollouts,
+    judge_generate,
+    make_reward,
+    policy_gradient,
+    sample_rollouts,
+    score_rewards,
+)
+from sparring.modeling import load_model, resolve_dtype
+from sparring.rewards import SelfJudge
+from sparring.state import read_jsonl, write_jsonl
+from sparring.training.loop import SCHEDULE_FILE, _latest_checkpoint, _save_checkpoint
+from sparring.training.optim import linear_schedule, make_optimizer
+
+
+def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    s = stages.open_session(cfg, force=force, load_data=False)
+    if s.accelerator.num_processes > 1:
+        raise RuntimeError("LSP runs in a single process for now (launch it without accelerate multi-process)")
+    if s.run_dir.is_done("final"):
+        return write_report(s)
+    lsp, tok, acc = cfg.lsp, s.tokenizer, s.accelerator
+    n, g = lsp.num_queries, lsp.answers_per_query
+
+    torch.manual_seed(cfg.train.seed)
+    model, reference = build_policy_and_reference(cfg, acc.device)
+    reward_fn = make_reward(lsp, device=acc.device, dtype=resolve_dtype(cfg.model.dtype))
+    judge = SelfJudge(judge_generate(reference, tok, lsp, cfg.generation.batch_size)) if lsp.variant == "self_reward" else None
+    optimizer = make_optimizer(model.parameters(), cfg.train)
+    # Stepped by hand once per LSP step and saved beside accelerate's state (as in the shared loop).
+    scheduler = linear_schedule(optimizer, lsp.steps, cfg.train.warmup_ratio)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    checkpoints = s.run_dir.root / "checkpoints"
+    start = 0
+    if latest := _latest_checkpoint(checkpoints):
+        start, path = latest
+        acc.load_state(str(path))
+        scheduler.load_state_dict(torch.load(path / SCHEDULE_FILE, weights_only=True))
+    s.logger.drop(lambda r: r.get("kind") == "lsp" and r["step"] > start)
+    s.logger.open_tensorboard(purge_step=start + 1)
+    samples_path = s.run_dir.root / "samples.jsonl"
+    samples = [r for r in read_jsonl(samples_path) if r["step"] <= start] if samples_path.exists() else []
+    evaluate(s, model, start)
+
+    for step in range(start + 1, lsp.steps + 1):
+        # 1–2. N challenger queries, G solver answers each, from the current θ
+        r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
+                            batch_size=cfg.generation.batch_size)
+
+        # 3. rewards R (+ R_Q from π_Ref) and advantages
+        rewards, judged = score_rewards(reward_fn, r, lsp.reward.invalid_query_reward)  # (N, G)
+        quality, fallbacks = None, 0
+        if judge is not None:
+            graded = judge([q for q in r.queries for _ in range(g)], r.answers)
+            quality = torch.tensor(graded.scores, dtype=torch.float64).view(n, g)  # (N, G) R_Q
+            fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
+        adv = lsp_advantages(rewards, quality, scale_std=lsp.scale_std)
+
+        # 4–5. L_Sol + α_Ch·L_Ch, accumulated in micro-batches, then one optimizer step
+        sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
+                                  batch_size=cfg.train.batch_size, accelerator=acc)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        row = step_metrics(r, rewards, judged, adv, quality, fallbacks, sol, ch)
+        row.update({"grad_norm": float(grad_norm), "lr": lr, "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
+        if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps):
+            s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
+        if s.main and step % lsp.sample_every == 0:
+            samples += sample_rows(step, r, rewards, quality, adv)
+            write_jsonl(samples_path, samples)  # rewritten whole, so a resume never duplicates rows
+        if step % lsp.save_every == 0 and step < lsp.steps:
+            _save_checkpoint(acc, scheduler, checkpoints, step)
+            if s.main:
+                s.run_dir.mark_done(f"step{step}", {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
+        evaluate(s, model, step)
+
+    save_final(s, model, cfg)
+    if s.main:
+        s.run_dir.mark_done("final", {"steps": lsp.steps})
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    s.logger.close()
+    stages.release(model)
+    return write_report(s)
+
+
+def build_policy_and_reference(cfg: RunConfig, device):
+    """The trained policy and π_Ref: a frozen second copy, or with LoRA the base with adapters off."""
+    model = load_model(cfg.model, device=device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lsp.lora_r == 0:
+        return model, Reference(copy=load_model(cfg.model, device=device))
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("lsp.lora_r > 0 needs peft: pip install 'sparring[peft]'") from None
+    lora = LoraConfig(r=cfg.lsp.lora_r, lora_alpha=cfg.lsp.lora_alpha, lora_dropout=0.0,
+                      target_modules=cfg.lsp.lora_target_modules, task_type="CAUSAL_LM")
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    model = get_peft_model(model, lora)
+    return model, Reference(peft_policy=model)
+
+
+def step_metrics(r: Rollouts, rewards, judged, adv, quality, fallbacks, sol: dict, ch: dict | None) -> dict[str, float]:
+    """TRL-like names with the lsp/ prefix (reward = the task reward R, before R_Q and KL)."""
+    n, g = rewards.shape
+    invalid = ~torch.tensor(judged.valid).view(n, g)
+    row = {
+        "lsp/reward": rewards.mean().item(),
+        "lsp/reward_std": rewards.std().item(),
+        "lsp/solver_reward": adv.solver_reward.mean().item(),
+        "lsp/challenger_reward": adv.challenger_reward.mean().item(),
+        "lsp/solver_advantage_abs": adv.solver.abs().mean().item(),
+        "lsp/challenger_advantage_abs": adv.challenger.abs().mean().item(),
+        "lsp/invalid_query_frac": invalid.any(dim=1).float().mean().item(),
+        "lsp/query_length": sum(map(len, r.query_ids)) / n,
+        "lsp/answer_length": sum(map(len, r.answer_ids)) / (n * g),
+        "lsp/answer_clipped_frac": 1.0 - sum(r.answers_finished) / (n * g),
+        "lsp/kl_solver": sol["kl"],
+        "lsp/solver_logps": sol["logps"],
+        "lsp/solver_loss": sol["loss"],
+    }
+    if ch is not None:
+        row.update({"lsp/kl_challenger": ch["kl"], "lsp/challenger_logps": ch["logps"], "lsp/challenger_loss": ch["loss"]})
+    if quality is not None:
+        row["lsp/quality_reward"] = quality.mean().item()
+        row["lsp/quality_fallback_frac"] = fallbacks / (n * g)
+    return row
+
+
+def sample_rows(step: int, r: Rollouts, rewards, quality, adv) -> list[dict]:
+    """One row per query: what the challenger asked, the solver's answers and their rewards."""
+    g = r.group_size
+    return [
+        {
+            "step": step, "query": q, "query_value": adv.query_value[i].item(),
+            "challenger_advantage": adv.challenger[i].item(), "answers": r.answers[i * g : (i + 1) * g],
+            "rewards": rewards[i].tolist(), **({"quality": quality[i].tolist()} if quality is not None else {}),
+        }
+        for i, q in enumerate(r.queries)
+    ]
+
+
+def evaluate(s: stages.Session, model, step: int) -> None:
+    """Held-out evaluation every ``lsp.eval_every`` steps, at step 0 and at the last step (cached)."""
+    lsp: LspConfig = s.cfg.lsp
+    if step % lsp.eval_every and step != lsp.steps:
+        return
+    scores = stages.evaluate_stage(s, f"step{step}", model=model)
+    if scores and s.main and "exact_match" in scores:
+        print(f"step {step}: held-out exact match {scores['exact_match']:.3f}", flush=True)
+
+
+def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
+    """RUN/model: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
+    target = s.run_dir.root / "model"
+    tmp = target.with_name("model.tmp")
+    unwrapped = s.accelerator.unwrap_model(model)
+    if cfg.lsp.lora_r:
+        unwrapped = unwrapped.merge_and_unload()
+    if s.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp)
+        s.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    return target
+
+
+def write_report(s: stages.Session) -> list[dict]:
+    """results.md (held-out accuracy and mean task reward per evaluated step) and plot.png."""
+    rows = lsp_rows(s)
+    if s.main and rows:
+        lines = ["| step | held-out exact match | real log-prob/token | mean task reward since last eval |",
+                 "|---|---|---|---|"]
+        for r in rows:
+            em = f"{r['exact_match']:.3f}" if "exact_match" in r else "–"
+            reward = f"{r['reward']:.3f}" if r.get("reward") is not None else "–"
+            lines.append(f"| {r['step']} | {em} | {r.get('logps_real_per_token', float('nan')):.4f} | {reward} |")
+        text = "\n".join(lines)
+        (s.run_dir.root / "results.md").write_text(text + "\n")
+        plot(rows, s.run_dir.root / "plot.png", title=f"LSP ({s.cfg.lsp.variant})")
+        print(text)
+        print(f"plot: {s.run_dir.root / 'plot.png'}")
+    return rows
+
+
+def lsp_rows(s: stages.Session) -> list[dict]:
+    import json
+
+    evals = sorted(
+        (json.loads(p.read_text()) for p in (s.run_dir.root / "eval").glob("step*.json")),
+        key=lambda e: int(e["label"][4:]),
+    ) if (s.run_dir.root / "eval").exists() else []
+    train = [r for r in s.logger.rows() if r.get("kind") == "lsp"]
+    rows, previous = [], 0
+    for e in evals:
+        step = int(e["label"][4:])
+        window = [r["lsp/reward"] for r in train if previous < r["step"] <= step]
+        rows.append({**e, "step": step, "reward": sum(window) / len(window) if window else None})
+        previous = step
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    key = "exact_match" if any("exact_match" in r for r in rows) else "logps_real_per_token"
+    axes[0].plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], marker="o")
+    axes[0].set(xlabel="LSP step", ylabel="held-out exact match" if key == "exact_match" else "real log-prob/token")
+    rewarded = [r for r in rows if r.get("reward") is not None]
+    axes[1].plot([r["step"] for r in rewarded], [r["reward"] for r in rewarded], marker="o", color="C1")
+    axes[1].set(xlabel="LSP step", ylabel="mean task reward R since the previous evaluation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""LSP's pieces around the loop: the challenger prompt, rollouts, rewards, the reference and the update.
+
+Kuba et al. 2025 (arXiv 2509.07414). ``algorithms/lsp.py`` calls these in order; each is small enough
+to test on its own (tests/unit/test_lsp_loop.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparring.config import LspConfig
+from sparring.data import encode
+from sparring.generation import HFGenerator, SamplingParams, batch_seed
+from sparring.logprobs import collate, token_logps
+from sparring.losses.lsp import kl_k3, reinforce_loss
+from sparring.rewards import RewardBatch, RewardFn
+
+# Our wording of the paper's Box 1 (spec lsp.md B.3): background, request, details, final remarks.
+# {task} and {template} are filled with str.replace, so other braces (the example) stay literal.
+CHALLENGER_PROMPT = """\
+A language task turns an input into an output. In question answering, for instance, the input is a \
+question and the output is its answer; in title writing, the input is an essay and the output is a \
+title for it.
+
+Your request: write one input for the task "{task}". It will be handed to another language agent, \
+which has to produce the output. The input must be a valid input for that task. It may be easy, of \
+intermediate difficulty, hard, or simply noisy; try to stress-test the agent or push it to think \
+outside the box. Write exactly one example.
+
+Details: the template of the input sits between the markers [Start Generation] and [End Generation]. \
+Copy the template's text without the markers and replace every placeholder in curly braces with \
+content of your own. For example, "Which topping suits {ice cream flavor} ice cream best?" could \
+become "Which topping suits pistachio ice cream best?".
+
+[Start Generation]
+{template}
+[End Generation]
+
+Final remarks: do not write the output or any response, hints or leaked information; do not ask for \
+anything a language agent cannot do; do not include the [Start Generation] and [End Generation] tags. \
+Stop as soon as the template is filled in. Follow the template strictly, unless both the task and the \
+template are None or empty: then use your own judgement.
+
+Once more: write one input for the task "{task}", following the template."""
+
+
+def challenger_prompt(lsp: LspConfig) -> str:
+    """⟨cp⟩ with its slots filled; a missing task or template reads "None", as in the paper."""
+    text = lsp.challenger_prompt if lsp.challenger_prompt is not None else CHALLENGER_PROMPT
+    return text.replace("{task}", lsp.task or "None").replace("{template}", lsp.template or "None")
+
+
+def user_turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@dataclass
+class Rollouts:
+    """One iteration's playouts: N queries from π_θ(·|⟨cp⟩), G answers each from π_θ(·|q)."""
+
+    challenger_prompt_ids: list[int]  # ⟨cp⟩ rendered as a user turn
+    query_ids: list[list[int]]  # N sampled query tokens (+ EOS when the query finished)
+    queries: list[str]  # N decoded q_i
+    solver_prompt_ids: list[list[int]]  # N: q_i rendered as a user turn, without ⟨cp⟩
+    answer_ids: list[list[int]]  # N·G row-major: (i=0, j=0), (i=0, j=1), …
+    answers: list[str]  # N·G
+    answers_finished: list[bool]  # N·G
+
+    @property
+    def group_size(self) -> int:
+        return len(self.answers) // len(self.queries)
+
+    def challenger_sequences(self) -> list[tuple[list[int], list[int]]]:
+        """(⟨cp⟩ prompt, q_i): the challenger is scored on its query, conditioned on ⟨cp⟩."""
+        return [(self.challenger_prompt_ids, q) for q in self.query_ids]
+
+    def solver_sequences(self) -> list[tuple[list[int], list[int]]]:
+        """(q_i prompt, a_i^j): the solver is scored on its answer, conditioned on q_i alone."""
+        g = self.group_size
+        return [(self.solver_prompt_ids[k // g], a) for k, a in enumerate(self.answer_ids)]
+
+
+def _sample(model, tokenizer, prompts, params: SamplingParams, seed: int, batch_size: int):
+    generator = HFGenerator(model, tokenizer)
+    out = []
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        out += generator.generate(prompts[start : start + batch_size], params, batch_seed(seed, k))
+    return out
+
+
+def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, batch_size: int) -> Rollouts:
+    """Challenger then solver sampling, seeded by (seed, step, role) so a resumed run redraws them."""
+    eos = tokenizer.eos_token_id
+
+    def ids(c):  # the sampled tokens, closed by EOS when the model ended its turn
+        return c.token_ids + ([eos] if c.finished else [])
+
+    cp_ids, _ = encode(tokenizer, user_turn(challenger_prompt(lsp)))
+    query_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.query_max_new_tokens)
+    queries = _sample(model, tokenizer, [cp_ids] * lsp.num_queries, query_params,
+                      batch_seed(seed, "lsp", step, "challenger"), batch_size)
+    solver_prompts = [encode(tokenizer, user_turn(q.text))[0] for q in queries]
+    g = lsp.answers_per_query
+    answer_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.answer_max_new_tokens)
+    answers = _sample(model, tokenizer, [p for p in solver_prompts for _ in range(g)], answer_params,
+                      batch_seed(seed, "lsp", step, "solver"), batch_size)
+    return Rollouts(
+        cp_ids, [ids(q) for q in queries], [q.text for q in queries], solver_prompts,
+        [ids(a) for a in answers], [a.text for a in answers], [a.finished for a in answers],
+    )
+
+
+def make_reward(lsp: LspConfig, *, device, dtype) -> RewardFn:
+    """The task reward R(q, a) chosen by ``lsp.reward.kind``."""
+    kind = lsp.reward.kind
+    if kind == "verifier":
+        from sparring.rewards import ProvingGroundVerifier
+
+        return ProvingGroundVerifier()
+    if kind == "reward_model":
+        from sparring.rewards import HFRewardModel
+
+        return HFRewardModel(lsp.reward.reward_model, device=device, dtype=dtype)
+    from sparring.rewards import load_user_reward
+
+    return load_user_reward(lsp.reward.function)
+
+
+def score_rewards(reward_fn: RewardFn, r: Rollouts, invalid_reward: float) -> tuple[torch.Tensor, RewardBatch]:
+    """R as an (N, G) float64 tensor; pairs the reward could not judge get ``invalid_reward``."""
+    queries = [q for q in r.queries for _ in range(r.group_size)]
+    batch = reward_fn(queries, r.answers)
+    scores = [s if ok else invalid_reward for s, ok in zip(batch.scores, batch.valid)]
+    return torch.tensor(scores, dtype=torch.float64).view(len(r.queries), r.group_size), batch
+
+
+class Reference:
+    """π_Ref, the frozen initial model: a second copy, or (LoRA) the policy with its adapters disabled."""
+
+    def __init__(self, copy=None, peft_policy=None):
+        if (copy is None) == (peft_policy is None):
+            raise ValueError("give either a frozen copy or a PEFT policy")
+        self.copy, self.peft_policy = copy, peft_policy
+        if copy is not None:
+            copy.requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def model(self):
+        if self.copy is not None:
+            yield self.copy
+        else:
+            with self.peft_policy.disable_adapter():
+                yield self.peft_policy
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """The weights π_Ref is made of (the base weights under LoRA), for the unchanged-reference check."""
+        if self.copy is not None:
+            return self.copy.state_dict()
+        return {k: v for k, v in self.peft_policy.state_dict().items() if "lora_" not in k}
+
+
+def judge_generate(reference: Reference, tokenizer, lsp: LspConfig, batch_size: int) -> Callable[[list[str]], list[str]]:
+    """SelfJudge's ``generate``: π_Ref answers each grading prompt (a user turn), greedily."""
+    params = SamplingParams.greedy(lsp.judge_max_new_tokens)
+
+    def generate(prompts: list[str]) -> list[str]:
+        ids = [encode(tokenizer, user_turn(p))[0] for p in prompts]
+        with reference.model() as ref:
+            return [c.text for c in _sample(ref, tokenizer, ids, params, 0, batch_size)]
+
+    return generate
+
+
+def backward_role(
+    model, reference: Reference, seqs, advantages: torch.Tensor, *, weight: float, lsp: LspConfig,
+    pad_id: int, batch_size: int, accelerator,
+) -> dict[str, float]:
+    """Accumulate ∇ of weight · Σ_b loss_b (REINFORCE + KL, ``reinforce_loss``) in micro-batches.
+
+    ``weight`` is 1/(N·G) for the solver and α_Ch/N for the challenger, so the accumulated gradient
+    is that of ``lsp_loss`` on the whole batch. Returns the role's mean KL, log-prob and loss (L_Sol or
+    L_Ch, without α_Ch). π_Ref's per-token log-probs are taken on the same
+    padded batch, so at θ = θ_Ref every KL term is exactly zero.
+    """
+    device = accelerator.device
+    sums = {"kl": 0.0, "logps": 0.0, "loss": 0.0}
+    for start in range(0, len(seqs), batch_size):
+        batch = collate(seqs[start : start + batch_size], pad_id)
+        batch = type(batch)(*(t.to(device) for t in batch))
+        mask = batch.response_mask[:, 1:]  # (B, T−1)
+        with accelerator.autocast():
+            with torch.no_grad(), reference.model() as ref:
+                ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                ref_tok = token_logps(ref_logits, batch.input_ids, batch.response_mask)  # (B, T−1)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            tok = token_logps(logits, batch.input_ids, batch.response_mask)  # (B, T−1)
+            out = reinforce_loss(
+                tok.sum(-1), advantages[start : start + batch_size].to(device),
+                kl_coef=lsp.kl_coef, kl_estimator=lsp.kl_estimator,
+                kl_k3_per_seq=kl_k3(tok, ref_tok, mask) if lsp.kl_estimator == "k3" else None,
+                seq_logps_ref=ref_tok.sum(-1),
+            )
+            accelerator.backward(out.loss.sum() * weight)
+        n = len(out.loss)
+        sums["kl"] += out.metrics["kl"].item() * n
+        sums["logps"] += out.metrics["logps"].item() * n
+        sums["loss"] += out.loss.detach().sum().item()
+    return {key: value / len(seqs) for key, value in sums.items()}  # means over the role's sequences
+
+
+def policy_gradient(
+    model, reference: Reference, r: Rollouts, adv, lsp: LspConfig, *, pad_id: int, batch_size: int, accelerator,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Accumulate ∇(L_Sol + α_Ch·L_Ch) of eqs. 4–5; with α_Ch = 0 the challenger term is left out."""
+    n, g = adv.solver.shape
+    common = dict(lsp=lsp, pad_id=pad_id, batch_size=batch_size, accelerator=accelerator)
+    sol = backward_role(model, reference, r.solver_sequences(), adv.solver.reshape(-1), weight=1 / (n * g), **common)
+    if not lsp.challenger_coef:
+        return sol, None
+    ch = backward_role(model, reference, r.challenger_sequences(), adv.challenger, weight=lsp.challenger_coef / n, **common)
+    return sol, ch
