@@ -1,0 +1,199 @@
+"""TPAW: team-based self-play with dual adaptive weighting (Li et al., ACL 2026, arXiv 2605.09922).
+
+θ_0 is the base model and θ_k (k ≥ 1) the model iteration k−1 saved. For round t = 0 … T−1, with the team
+J_t = [θ_t, θ_{t−1}, …] of the min(t + 1, N_max) newest checkpoints (N_max = ``tpaw.max_team_size``):
+
+1. generate: θ_t samples one response y′ per training prompt, D_t = {(x, y, y′)}; the sets D_k of the
+   older team members are read back from their iteration folders, never regenerated;
+2. rows: D_O = D_t ∪ D_{t−1} ∪ … (one set per team member, newest first);
+3. precompute: every team member's L_θj(y) and L_θj(y′) on D_O's rows, once, in inference mode — θ_t
+   first (it is the policy's starting point), then each older checkpoint loaded in turn and released,
+   so at most the policy and one reference are in memory, and only the policy during training;
+4. train: θ ← θ_t, minimise mean Σ_j β_j·ℓ(α_j·P_j(y) − P_j(y′)), P_j(z) = λ[L_θ(z) − L_θj(z)]
+   (``tpaw_loss``; α_j = η where P_j(y) ≤ 0, β = softmax_j(−γ·m_j)); column / metric ``player{c}`` is
+   θ_{t−c}, so ``player0`` is SPIN's opponent θ_t;
+5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
+
+The paper's open choices are config switches (docs/algorithms_tspin_tpaw.md): ``tpaw.max_team_size``,
+``tpaw.every_player_scores_every_row`` (False: D_k's rows only by θ_k), ``tpaw.logprob_reduction``
+(per-token mean for policy and references alike) and ``tpaw.detach_player_weights`` (which changes
+nothing numerically: β's gradient is identically zero under these formulas, see ``losses/tpaw.py``).
+
+    sparring run configs/tpaw/tiny.yaml tpaw.iterations=3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from sparring import stages
+from sparring.config import RunConfig
+from sparring.data import encode
+from sparring.logprobs import Sequences, collate, sequence_logps
+from sparring.losses import LossOutput, tpaw_loss
+from sparring.state import atomic_write_json, read_jsonl
+from sparring.training import score_sequences, train
+
+
+class TeamRecord(NamedTuple):
+    prompt_ids: list[int]
+    real_ids: list[int]  # y
+    generated_ids: list[int]  # y′, sampled by the team member of column ``source``
+    team_real: list[float]  # (K,) L_θj(y), column 0 = θ_t; NaN where the player does not score the row
+    team_generated: list[float]  # (K,) L_θj(y′), same columns
+    team_mask: list[bool]  # (K,) which players score this row
+
+
+class TeamBatch(NamedTuple):
+    sequences: Sequences  # (2B, T): the B real sequences, then the B generated ones
+    team_real: torch.Tensor  # (B, K)
+    team_generated: torch.Tensor  # (B, K)
+    team_mask: torch.Tensor  # (B, K) bool
+
+
+def collate_team(records: list[TeamRecord], pad_id: int) -> TeamBatch:
+    seqs = [(r.prompt_ids, r.real_ids) for r in records] + [(r.prompt_ids, r.generated_ids) for r in records]
+    return TeamBatch(
+        collate(seqs, pad_id),
+        torch.tensor([r.team_real for r in records], dtype=torch.float32),
+        torch.tensor([r.team_generated for r in records], dtype=torch.float32),
+        torch.tensor([r.team_mask for r in records], dtype=torch.bool),
+    )
+
+
+def tpaw_step(model, batch: TeamBatch, *, average: bool, **loss_kwargs) -> LossOutput:
+    logps = sequence_logps(model, batch.sequences, average=average)  # (2B,) one policy forward
+    real, generated = logps.chunk(2)
+    return tpaw_loss(real, generated, batch.team_real, batch.team_generated, team_mask=batch.team_mask, **loss_kwargs)
+
+
+def team(t: int, max_team_size: int) -> list[int]:
+    """J_t newest first: [t, t−1, …], min(t + 1, N_max) checkpoints (also the rounds whose D_k are used)."""
+    return list(range(t, max(-1, t - max_team_size), -1))
+
+
+def generated_set(s: stages.Session, k: int) -> list[str]:
+    """D_k's y′, as round k wrote them (rounds k < t are read back, never regenerated)."""
+    path = s.run_dir.iteration(k) / "generated.jsonl"
+    if not s.run_dir.is_done(f"iter{k}/generated"):
+        raise RuntimeError(f"round {k} has no generated responses ({path}); its data cannot be reused")
+    return [r["text"] for r in read_jsonl(path)]
+
+
+def scored_sets(j: int, members: list[int], cfg: RunConfig) -> list[int]:
+    """The sets D_k that player θ_j scores: all of D_O, or only its own D_j."""
+    return list(members) if cfg.tpaw.every_player_scores_every_row else [j]
+
+
+def team_logps(s: stages.Session, policy, t: int, j: int, gen_ids: dict[int, list[list[int]]], cfg: RunConfig) -> dict:
+    """{"real": L_θj(y) per prompt, "generated": {k: L_θj(y′) per prompt of D_k}}, once per round.
+
+    θ_t is the policy itself (not trained yet); an older θ_j is loaded, used and released here.
+    """
+    path = s.run_dir.iteration(t) / f"team_theta{j}.json"
+    if not s.run_dir.is_done(f"iter{t}/team{j}"):
+        sets = scored_sets(j, list(gen_ids), cfg)
+        n = len(s.data.examples)
+        items = list(zip(s.data.prompt_ids, s.data.real_ids))
+        for k in sets:
+            items += list(zip(s.data.prompt_ids, gen_ids[k]))
+        model = policy if j == t else stages.load_iterate(s, j)
+        logps = score_sequences(
+            model, items, pad_id=s.tokenizer.pad_token_id, batch_size=cfg.train.logprob_batch_size,
+            folder=s.run_dir.iteration(t) / f"team_theta{j}.chunks", accelerator=s.accelerator,
+            desc=f"iter {t}: log-probs of θ{j}", average=cfg.tpaw.logprob_reduction == "mean",
+        )
+        if j != t:
+            del model  # the reference is gone before the next one is loaded
+            stages.release(None)
+        if s.main:
+            generated = {str(k): logps[n * (c + 1) : n * (c + 2)] for c, k in enumerate(sets)}
+            atomic_write_json(path, {"checkpoint": j, "real": logps[:n], "generated": generated})
+            s.run_dir.mark_done(f"iter{t}/team{j}", {"sets": sets})
+        s.accelerator.wait_for_everyone()
+    data = json.loads(path.read_text())
+    return {"real": data["real"], "generated": {int(k): v for k, v in data["generated"].items()}}
+
+
+def build_rows(s: stages.Session, members: list[int], gen_ids: dict[int, list[list[int]]], scores: dict) -> list[TeamRecord]:
+    """One row per (set D_k, prompt), sets newest first; column c holds θ_{members[c]}'s log-probs."""
+    rows = []
+    for k in members:
+        for i in range(len(s.data.examples)):
+            mask = [k in scores[j]["generated"] for j in members]
+            rows.append(TeamRecord(
+                s.data.prompt_ids[i], s.data.real_ids[i], gen_ids[k][i],
+                [scores[j]["real"][i] if m else math.nan for j, m in zip(members, mask)],
+                [scores[j]["generated"][k][i] if m else math.nan for j, m in zip(members, mask)],
+                mask,
+            ))
+    return rows
+
+
+def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    if cfg.tpaw.max_team_size < 1:
+        raise ValueError(f"tpaw.max_team_size must be >= 1, got {cfg.tpaw.max_team_size}")
+    s = stages.open_session(cfg, force=force)
+    stages.evaluate_stage(s, "initial", path=None)
+    for t in range(cfg.tpaw.iterations):
+        if s.run_dir.is_done(f"iter{t}"):
+            continue
+        icfg = cfg.for_iteration(t)
+        members = team(t, icfg.tpaw.max_team_size)  # [t, t−1, t−2]: θ_t is column 0
+        model = stages.load_iterate(s, t)  # θ_t: newest player, sampler and starting point
+
+        # 1. generate D_t with θ_t; reuse D_{t−1}, D_{t−2}
+        texts = {t: stages.generate(s, model, t, "generated", icfg)} | {k: generated_set(s, k) for k in members[1:]}
+
+        # 2. D_O's rows, tokenised like the real responses
+        tok, max_len = s.tokenizer, icfg.data.max_length
+        gen_ids = {
+            k: [encode(tok, e.prompt, y, max_length=max_len)[1] for e, y in zip(s.data.examples, texts[k])]
+            for k in members
+        }
+
+        # 3. team log-probs: θ_t (the policy, untrained) first, then each older checkpoint in turn
+        scores = {j: team_logps(s, model, t, j, gen_ids, icfg) for j in members}
+        records = build_rows(s, members, gen_ids, scores)
+        if s.main:
+            atomic_write_json(s.run_dir.iteration(t) / "team.json", {
+                "players": members, "sets": members, "rows": len(records),
+                "every_player_scores_every_row": icfg.tpaw.every_player_scores_every_row,
+                "logprob_reduction": icfg.tpaw.logprob_reduction,
+            })
+
+        # 4. train θ from θ_t on the TPAW loss
+        result = train(
+            model, records,
+            collate=partial(collate_team, pad_id=tok.pad_token_id),
+            loss_step=partial(
+                tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
+                eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,
+                detach_player_weights=icfg.tpaw.detach_player_weights,
+            ),
+            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            desc=f"iter {t}: train",
+        )
+
+        # 5. save θ_{t+1}, evaluate, mark done
+        stages.save_model(s, result.model, t)  # as prepared by accelerate (DDP/FSDP wrappers)
+        stages.evaluate_stage(s, f"iter{t}", model=result.model)
+        if s.main:
+            s.run_dir.mark_done(f"iter{t}", {
+                "steps": result.steps, "rows": len(records), "team": members, **result.last_metrics
+            })
+            stages.cleanup_iteration(s, t)
+        s.accelerator.wait_for_everyone()
+        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
+        stages.release(None, s)  # then free accelerate's references, collect, empty the cache
+    return stages.write_report(s, cfg.tpaw.iterations)
+
+
+def _steps_before(s: stages.Session, t: int) -> int:
+    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))

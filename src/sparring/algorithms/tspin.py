@@ -1,0 +1,147 @@
+"""T-SPIN: Triplet-based Self-Play Fine-Tuning (Wang et al., NeurIPS 2025, arXiv 2601.08198).
+
+Once, before iteration 0, θ_0 samples one proto-synthetic response y₀ per prompt (iter_000/proto.jsonl,
+never regenerated). Then for iteration t = 0 … T−1:
+
+1. generate: θ_t samples one synthetic response y′ for every training prompt x;
+2. triplets: (x, y, y′, y₀), this iteration's y′ only (the paper mixes no earlier iteration's samples);
+3. nothing to precompute: the loss is reference-free, θ_t and θ_0 only served as samplers;
+4. train: θ ← θ_t, minimise mean ℓ(α(a − b)) + β_t·ℓ(α(b − c)) with a, b, c = L_θ(y), L_θ(y′), L_θ(y₀)
+   (``tspin_loss``; α = ``tspin.scale``, β_t = ``tspin.history_weight[min(t, len − 1)]``), one policy
+   forward of the 3B sequences per batch;
+5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
+
+At iteration 0, y′ and y₀ are two independent sample sets of θ_0 (different seeds: the generation seed
+is derived from the set's name). β_0 = 0 in the paper, so y₀ does not matter there; drawing it
+separately keeps y₀ a fixed anchor that is not the iteration-0 opponent set.
+
+    sparring run configs/tspin/tiny.yaml tspin.iterations=2
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+from sparring import stages
+from sparring.config import RunConfig
+from sparring.data import encode
+from sparring.logprobs import Sequences, collate, sequence_logps
+from sparring.losses import LossOutput, tspin_loss
+from sparring.state import atomic_write_json, read_jsonl, write_jsonl
+from sparring.training import train
+
+PROTO = "proto"  # iter_000/proto.jsonl: y₀ ~ π_θ0, drawn once
+
+
+class TripletRecord(NamedTuple):
+    prompt_ids: list[int]
+    real_ids: list[int]  # y
+    generated_ids: list[int]  # y′ ~ π_θt
+    proto_ids: list[int]  # y₀ ~ π_θ0
+
+
+def collate_triplets(records: list[TripletRecord], pad_id: int) -> Sequences:
+    """(3B, T): the B real sequences, then the B generated ones, then the B proto-synthetic ones."""
+    seqs = [(r.prompt_ids, r.real_ids) for r in records]
+    seqs += [(r.prompt_ids, r.generated_ids) for r in records]
+    seqs += [(r.prompt_ids, r.proto_ids) for r in records]
+    return collate(seqs, pad_id)
+
+
+def tspin_step(model, batch: Sequences, *, scale: float, history_weight: float, kind: str) -> LossOutput:
+    logps = sequence_logps(model, batch)  # (3B,) one policy forward; no reference model exists
+    real, generated, proto = logps.chunk(3)
+    out = tspin_loss(real, generated, proto, scale=scale, history_weight=history_weight, kind=kind)
+    # T-SPIN's reward is α·L_θ(z) (no reference): log SPIN's reward names too, for the shared report.
+    out.metrics["rewards/real"] = scale * real.detach().mean()
+    out.metrics["rewards/generated"] = scale * generated.detach().mean()
+    out.metrics["rewards/margins"] = out.metrics["tspin/current_margin"]
+    return out
+
+
+def history_weight(cfg: RunConfig, t: int) -> float:
+    """β_t: ``tspin.history_weight[t]``, the last value repeating."""
+    weights = cfg.tspin.history_weight
+    if not weights:
+        raise ValueError("tspin.history_weight must list at least one value")
+    return weights[min(t, len(weights) - 1)]
+
+
+def proto_set(s: stages.Session, model, t: int, cfg: RunConfig) -> list[str]:
+    """y₀: sampled by θ_0 at iteration 0 (``model`` is θ_0 then), read back unchanged afterwards."""
+    path = s.run_dir.iteration(0) / f"{PROTO}.jsonl"
+    if t == 0:
+        texts = stages.generate(s, model, 0, PROTO, cfg)
+        source = s.run_dir.iteration(0) / f"{PROTO}.source.json"
+        if s.main and not source.exists():  # which checkpoint drew y₀, for the record
+            atomic_write_json(source, {
+                "checkpoint": cfg.model.name_or_path, "revision": cfg.model.revision, "iteration": 0,
+                "file": str(path.relative_to(s.run_dir.root)), "generation": vars(cfg.generation),
+            })
+        return texts
+    if not s.run_dir.is_done(f"iter0/{PROTO}"):
+        raise RuntimeError(f"the proto-synthetic responses of θ_0 are missing ({path}); rerun from iteration 0")
+    return [r["text"] for r in read_jsonl(path)]
+
+
+def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    betas = [history_weight(cfg.for_iteration(t), t) for t in range(cfg.tspin.iterations)]
+    if min(betas) < 0:
+        raise ValueError(f"tspin.history_weight must be >= 0, got {betas}")
+    s = stages.open_session(cfg, force=force)
+    stages.evaluate_stage(s, "initial", path=None)
+    for t in range(cfg.tspin.iterations):
+        if s.run_dir.is_done(f"iter{t}"):
+            continue
+        icfg = cfg.for_iteration(t)
+        model = stages.load_iterate(s, t)  # θ_t: sampler of y′ and starting point (not a reference)
+
+        # 1. generate y₀ ~ π_θ0 (iteration 0 only) and y′ ~ π_θt
+        protos = proto_set(s, model, t, icfg)
+        generated = stages.generate(s, model, t, "generated", icfg)
+
+        # 2. triplets (x, y, y′, y₀)
+        tok, max_len = s.tokenizer, icfg.data.max_length
+        records = [
+            TripletRecord(
+                s.data.prompt_ids[i], s.data.real_ids[i],
+                encode(tok, e.prompt, generated[i], max_length=max_len)[1],
+                encode(tok, e.prompt, protos[i], max_length=max_len)[1],
+            )
+            for i, e in enumerate(s.data.examples)
+        ]
+        beta = betas[t]
+        if s.main and not (s.run_dir.iteration(t) / "triplets.jsonl").exists():
+            write_jsonl(s.run_dir.iteration(t) / "triplets.jsonl", [
+                {"example": i, "generated": g, "proto": p, "history_weight": beta}
+                for i, (g, p) in enumerate(zip(generated, protos))
+            ])
+
+        # 3. (no precompute: T-SPIN has no opponent or reference log-probs)
+        # 4. train θ from θ_t on the T-SPIN loss
+        result = train(
+            model, records,
+            collate=partial(collate_triplets, pad_id=tok.pad_token_id),
+            loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
+            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            desc=f"iter {t}: train",
+        )
+
+        # 5. save θ_{t+1}, evaluate, mark done
+        stages.save_model(s, result.model, t)  # as prepared by accelerate (DDP/FSDP wrappers)
+        stages.evaluate_stage(s, f"iter{t}", model=result.model)
+        if s.main:
+            s.run_dir.mark_done(f"iter{t}", {
+                "steps": result.steps, "triplets": len(records), "history_weight": beta, **result.last_metrics
+            })
+            stages.cleanup_iteration(s, t)
+        s.accelerator.wait_for_everyone()
+        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
+        stages.release(None, s)  # then free accelerate's references, collect, empty the cache
+    return stages.write_report(s, cfg.tspin.iterations)
+
+
+def _steps_before(s: stages.Session, t: int) -> int:
+    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))
