@@ -73,6 +73,15 @@ class ChunkStore:
         return [row for i in range(count) for row in read_jsonl(self.path(i))]
 
 
+def changed_settings(old: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose value differs. A field added to sparring after the run started counts as
+    unchanged when it holds its default; a field sparring no longer has is ignored."""
+    defaults = fingerprint(RunConfig())
+    return sorted(
+        k for k in current if old.get(k, defaults.get(k)) != current[k]
+    )
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -120,10 +129,10 @@ class RunDir:
         resumed = "fingerprint" in state
         if resumed and state.get("method") != cfg.method:
             raise ConfigError(f"{self.root} holds a {state.get('method')} run; this config is method {cfg.method}")
-        if resumed and state["fingerprint"] != current:
+        changed = changed_settings(state["fingerprint"], current) if resumed else []
+        if changed:
             old = state["fingerprint"]
-            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
-            lines = [f"  {k}: {old.get(k)!r} -> {current.get(k)!r}" for k in changed[:20]]
+            lines = [f"  {k}: {old.get(k, '(not set)')!r} -> {current.get(k, '(removed)')!r}" for k in changed[:20]]
             if not force:
                 raise ConfigError(
                     f"{self.root} was started with different settings that change results:\n"

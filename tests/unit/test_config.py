@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -113,3 +115,19 @@ def test_fingerprint_ignores_output_dir_but_sees_results_settings():
     assert fingerprint(a) == fingerprint(b)
     b.generation.temperature = 0.7
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_a_field_added_after_the_run_started_does_not_block_resume(tmp_path):
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    run = RunDir(tmp_path)
+    run.start(cfg)
+    state = run.load_state()
+    del state["fingerprint"]["generation.top_k"]  # as if the run predates the field
+    state["fingerprint"]["spin.retired_option"] = 3  # and had a field sparring no longer has
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert run.start(cfg) is True
+    state = run.load_state()
+    del state["fingerprint"]["generation.top_k"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"generation.top_k: '\(not set\)' -> 5"):
+        run.start(load_config(None, [f"output_dir={tmp_path}", "generation.top_k=5"]))

@@ -14,7 +14,7 @@ J_t = [θ_t, θ_{t−1}, …] of the min(t + 1, N_max) newest checkpoints (N_max
    θ_{t−c}, so ``player0`` is SPIN's opponent θ_t;
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
-The paper's open choices are config switches (docs/algorithms_tspin_tpaw.md): ``tpaw.max_team_size``,
+The paper's open choices are config switches (docs/algorithms.md): ``tpaw.max_team_size``,
 ``tpaw.every_player_scores_every_row`` (False: D_k's rows only by θ_k), ``tpaw.logprob_reduction``
 (per-token mean for policy and references alike) and ``tpaw.detach_player_weights`` (which changes
 nothing numerically: β's gradient is identically zero under these formulas, see ``losses/tpaw.py``).

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from sparring.generation.base import Generator, SamplingParams, batch_seed
+from sparring.progress import progress
 from sparring.state import ChunkStore
 
 
@@ -34,7 +33,7 @@ def generate_responses(
     world = accelerator.num_processes if accelerator else 1
     mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
     main = accelerator is None or accelerator.is_main_process
-    for k in tqdm(mine, desc=desc, disable=not main or not mine, unit="batch"):
+    for k in progress(mine, desc=desc, enabled=main and bool(mine), unit="batch"):
         idx = batches[k]
         completions = generator.generate([prompts[i] for i in idx], params, batch_seed(seed, k))
         store.write(

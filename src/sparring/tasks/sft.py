@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from sparring.config import EvalConfig, SftConfig
 from sparring.data import encode, parse_row
 from sparring.logprobs import collate, token_logps
+from sparring.progress import progress
 from sparring.state import atomic_write_json, write_jsonl
 from sparring.tasks.problems import make_rows
 from sparring.tasks.tiny import build_tiny_model, build_tokenizer
@@ -56,7 +56,7 @@ def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) ->
     torch.manual_seed(cfg.seed)
     model.train()
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="sft", unit="step")
+    bar = progress(range(cfg.steps), desc="sft", unit="step")
     for _ in bar:
         batch = collate(rng.sample(encoded, min(cfg.batch_size, len(encoded))), tokenizer.pad_token_id)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sparring.config import TrainConfig
 from sparring.losses import LossOutput
+from sparring.progress import progress
 from sparring.training.metrics import MetricsLogger
 from sparring.training.optim import linear_schedule, make_optimizer
 
@@ -101,7 +101,7 @@ def train(
     logger.open_tensorboard(purge_step=global_step_offset + start + 1)
 
     last: dict[str, float] = {}
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, unit="step")
+    bar = progress(total=total, initial=start, desc=desc, enabled=accelerator.is_main_process, unit="step")
     for step in range(start, total):
         micro_batches = [m[rank::world] or m[:1] for m in plan[step]]  # this process's share
         count = sum(len(m) for m in micro_batches)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from sparring.logprobs import collate, sequence_logps
+from sparring.progress import progress
 from sparring.state import ChunkStore
 
 
@@ -37,7 +37,7 @@ def score_sequences(
     was_training = model.training
     model.eval()
     mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
-    for k in tqdm(mine, desc=desc, disable=not main or not mine, unit="batch"):
+    for k in progress(mine, desc=desc, enabled=main and bool(mine), unit="batch"):
         batch = collate([items[i] for i in batches[k]], pad_id)
         logps = sequence_logps(model, type(batch)(*(t.to(device) for t in batch)), average=average)
         store.write(k, [{"index": i, "logp": v} for i, v in zip(batches[k], logps.double().tolist())])
