@@ -69,6 +69,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     axes[1].set_xlabel("model θ_t (trained in iteration t−1)")
     axes[1].set_ylabel("train reward margin (last epoch mean)")
     axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.set_xticks(xs)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
