@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import REPO, tiny_overrides
 
-from conftest import REPO, tiny_overrides
 from sparring.config import load_config
 from sparring.tasks import solve
 

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tests.conftest import REPO, tiny_overrides
+from tests.integration.helpers import assert_same_weights, kill_when, spawn
 
 from sparring.cli import main
 
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "spin" / "tiny.yaml")
 SMALL = ["data.num_prompts=32", "generation.batch_size=8", "train.logprob_batch_size=8", "eval.num_examples=16"]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -129,27 +113,6 @@ def test_released_spin_format_reuses_its_generated_responses_at_iteration_0(tiny
     assert {p["generated"] for p in pairs} == {"0"}
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sparring.cli", *args], stdout=log.open("a"),
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def _kill_when(proc: subprocess.Popen, pattern: str, root: Path, timeout: float = 240) -> bool:
-    """SIGKILL ``proc`` as soon as a file matching ``pattern`` exists; False if it finished first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if list(root.glob(pattern)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"timed out waiting for {pattern}")
-
-
 def test_sigkill_mid_epoch_during_generation_and_during_logprobs_then_resume_gives_same_weights(
     finished_run: Path, tiny_ground, tmp_path
 ):
@@ -160,11 +123,11 @@ def test_sigkill_mid_epoch_during_generation_and_during_logprobs_then_resume_giv
     kills = 0
     for pattern in ["iter_000/checkpoints/step-*", "iter_001/generated.chunks/chunk-*",
                     "iter_001/opponent_logps.chunks/chunk-*", "iter_001/checkpoints/step-*"]:
-        if _kill_when(_spawn(args, log), pattern, out):
+        if kill_when(spawn(args, log), pattern, out):
             kills += 1
             assert "iter1" not in json.loads((out / "state.json").read_text())["stages"]
     assert kills >= 3, log.read_text()[-2000:]  # the kills landed inside the stages
-    final = _spawn(args, log)
+    final = spawn(args, log)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert log.read_text().count("resuming spin run") >= 4
     assert_same_weights(out / "iter_001" / "model", finished_run / "iter_001" / "model")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.test_tspin import assert_same_weights, kill_when, spawn
+from tests.integration.helpers import assert_same_weights, kill_when, spawn
 
 import sparring.stages
 from sparring.algorithms import tpaw

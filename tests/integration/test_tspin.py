@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tests.conftest import REPO, tiny_overrides
+from tests.integration.helpers import assert_same_weights, kill_when, spawn
 
 import sparring.stages
 import sparring.training
@@ -34,35 +29,6 @@ def sha(path: Path) -> str:
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
-    """The model.safetensors of two run folders hold the same tensors (to ``atol``)."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.allclose(wa[name], wb[name], rtol=0, atol=atol), name
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sparring.cli", *args], stdout=log.open("a"),
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def kill_when(proc: subprocess.Popen, pattern: str, root: Path, timeout: float = 300) -> bool:
-    """SIGKILL ``proc`` as soon as a file matching ``pattern`` exists under ``root``; False if it ended first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if list(root.glob(pattern)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"timed out waiting for {pattern}")
 
 
 class Probe:
