@@ -67,6 +67,9 @@ def _report(run_dir: Path) -> int:
     from sparring.state import RunDir
 
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.method == "lsp":  # written by the run itself at every evaluation
+        print((run_dir / "results.md").read_text())
+        return 0
     iterations = getattr(cfg, cfg.method).iterations
     rows = collect(RunDir(run_dir), iterations)
     print(table(rows))

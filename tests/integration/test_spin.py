@@ -134,3 +134,13 @@ def test_sigkill_mid_epoch_during_generation_and_during_logprobs_then_resume_giv
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [(r["iteration"], r["step"]) for r in rows if r["kind"] == "train"]
     assert len(steps) == len(set(steps))  # resumed training never logs a step twice
+
+
+def test_status_and_report_commands(finished_run: Path, capsys):
+    assert main(["status", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "method: spin" in out and "done  iter1 " in out and "done  iter0/generated" in out
+    (finished_run / "plot.png").unlink()
+    assert main(["report", str(finished_run)]) == 0
+    assert "| θ2 (after iteration 1) |" in capsys.readouterr().out
+    assert (finished_run / "plot.png").exists()
