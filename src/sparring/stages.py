@@ -64,10 +64,11 @@ def load_iterate(s: Session, t: int):
     return load_model(s.cfg.model, model_path(s, t), device=s.accelerator.device)
 
 
-def release(model, s: Session | None = None) -> None:
+def release(s: Session | None = None) -> None:
+    """Free memory once the caller has dropped its references to a model: accelerate's references to
+    prepared objects (with ``s``), Python garbage, the CUDA cache."""
     if s is not None:
         s.accelerator.free_memory()
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -117,6 +118,22 @@ def cleanup_iteration(s: Session, t: int) -> None:
         shutil.rmtree(chunks, ignore_errors=True)
 
 
+def steps_before(s: Session, t: int) -> int:
+    """Optimizer steps of iterations 0 … t−1 (the TensorBoard step offset of iteration t)."""
+    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))
+
+
+def finish_iteration(s: Session, t: int, result, info: dict) -> None:
+    """Save θ_{t+1} from the accelerate-prepared model, evaluate it, mark iteration t done, and drop
+    what only a resume of it needed."""
+    save_model(s, result.model, t)
+    evaluate_stage(s, f"iter{t}", model=result.model)
+    if s.main:
+        s.run_dir.mark_done(f"iter{t}", {"steps": result.steps, **info, **result.last_metrics})
+        cleanup_iteration(s, t)
+    s.accelerator.wait_for_everyone()
+
+
 def save_model(s: Session, model, t: int) -> None:
     """θ_{t+1} with save_pretrained (safetensors) and the tokenizer, renamed into place."""
     target = s.run_dir.model(t)
@@ -150,7 +167,8 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
         atomic_write_json(out, scores)
         s.logger.log({"kind": "eval", **scores})
         if own:
-            release(model)
+            del model
+            release()
     s.accelerator.wait_for_everyone()
     return json.loads(out.read_text())
 

@@ -27,14 +27,6 @@ SELF_REWARD = str(REPO / "configs" / "lsp" / "tiny-self-reward.yaml")
 REWARD_MODULE = "def reward(query, answer):\n    return float(len(answer) % 3) + 0.1 * len(query)\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def reward_dir(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "reward_pkg"

@@ -27,14 +27,6 @@ from sparring.tasks import build_tiny_model, build_tokenizer
 TINY = "configs/lsp/tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()

@@ -113,7 +113,8 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         s.run_dir.mark_done("final", {"steps": lsp.steps})
         shutil.rmtree(checkpoints, ignore_errors=True)
     s.logger.close()
-    stages.release(model)
+    del model
+    stages.release(s)
     return write_report(s)
 
 

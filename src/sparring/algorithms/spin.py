@@ -122,20 +122,13 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
             collate=partial(collate_pairs, pad_id=tok.pad_token_id),
             loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss),
             cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
             desc=f"iter {t}: train",
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.save_model(s, result.model, t)
-        stages.evaluate_stage(s, f"iter{t}", model=result.model)
-        if s.main:
-            s.run_dir.mark_done(f"iter{t}", {"steps": result.steps, "pairs": len(records), **result.last_metrics})
-            stages.cleanup_iteration(s, t)
-        s.accelerator.wait_for_everyone()
-        stages.release(model, s)
+        stages.finish_iteration(s, t, result, {"pairs": len(records)})
+        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
+        stages.release(s)
     return stages.write_report(s, cfg.spin.iterations)
 
-
-def _steps_before(s: stages.Session, t: int) -> int:
-    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))

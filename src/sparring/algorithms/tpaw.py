@@ -110,7 +110,7 @@ def team_logps(s: stages.Session, policy, t: int, j: int, gen_ids: dict[int, lis
         )
         if j != t:
             del model  # the reference is gone before the next one is loaded
-            stages.release(None)
+            stages.release()
         if s.main:
             generated = {str(k): logps[n * (c + 1) : n * (c + 2)] for c, k in enumerate(sets)}
             atomic_write_json(path, {"checkpoint": j, "real": logps[:n], "generated": generated})
@@ -177,23 +177,13 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
                 detach_player_weights=icfg.tpaw.detach_player_weights,
             ),
             cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
             desc=f"iter {t}: train",
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.save_model(s, result.model, t)  # as prepared by accelerate (DDP/FSDP wrappers)
-        stages.evaluate_stage(s, f"iter{t}", model=result.model)
-        if s.main:
-            s.run_dir.mark_done(f"iter{t}", {
-                "steps": result.steps, "rows": len(records), "team": members, **result.last_metrics
-            })
-            stages.cleanup_iteration(s, t)
-        s.accelerator.wait_for_everyone()
+        stages.finish_iteration(s, t, result, {"rows": len(records), "team": members})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
-        stages.release(None, s)  # then free accelerate's references, collect, empty the cache
+        stages.release(s)  # then free accelerate's references, collect, empty the cache
     return stages.write_report(s, cfg.tpaw.iterations)
 
-
-def _steps_before(s: stages.Session, t: int) -> int:
-    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))

@@ -125,23 +125,13 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
             collate=partial(collate_triplets, pad_id=tok.pad_token_id),
             loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
             cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=_steps_before(s, t),
+            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
             desc=f"iter {t}: train",
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.save_model(s, result.model, t)  # as prepared by accelerate (DDP/FSDP wrappers)
-        stages.evaluate_stage(s, f"iter{t}", model=result.model)
-        if s.main:
-            s.run_dir.mark_done(f"iter{t}", {
-                "steps": result.steps, "triplets": len(records), "history_weight": beta, **result.last_metrics
-            })
-            stages.cleanup_iteration(s, t)
-        s.accelerator.wait_for_everyone()
+        stages.finish_iteration(s, t, result, {"triplets": len(records), "history_weight": beta})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
-        stages.release(None, s)  # then free accelerate's references, collect, empty the cache
+        stages.release(s)  # then free accelerate's references, collect, empty the cache
     return stages.write_report(s, cfg.tspin.iterations)
 
-
-def _steps_before(s: stages.Session, t: int) -> int:
-    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))
