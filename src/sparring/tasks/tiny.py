@@ -33,7 +33,7 @@ def build_tokenizer():
 
 
 def build_tiny_model(tokenizer, *, hidden_size: int = 128, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM sized for CPU tests (~0.4M parameters by default)."""
+    """A randomly initialised LlamaForCausalLM sized for CPU tests (0.54M parameters by default)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
