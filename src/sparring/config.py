@@ -14,7 +14,6 @@ that iteration (SPIN lowers the learning rate at iteration 2 and raises the scal
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import types
 import typing
@@ -434,10 +433,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = json.loads(json.dumps(value, sort_keys=True, default=str))
     return out
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dump_yaml(cfg: RunConfig) -> str:
