@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tests.conftest import REPO
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rows(path: Path) -> list[dict]:
+    """The rows of a jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

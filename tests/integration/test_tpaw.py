@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import weakref
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.helpers import assert_same_weights, kill_when, spawn
+from tests.integration.helpers import assert_same_weights, kill_when, rows, sha, spawn
 
 import sparring.stages
 from sparring.algorithms import tpaw
@@ -23,14 +22,6 @@ CONFIG = str(REPO / "configs" / "tpaw" / "tiny.yaml")
 N = 16  # prompts
 SMALL = [f"data.num_prompts={N}", "generation.max_new_tokens=10", "generation.batch_size=8", "train.batch_size=4",
          "train.save_steps=2", "train.logprob_batch_size=8", "eval.num_examples=16", "eval.max_new_tokens=10"]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class Probe:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.helpers import assert_same_weights, kill_when, spawn
+from tests.integration.helpers import assert_same_weights, kill_when, rows, sha, spawn
 
 import sparring.stages
 import sparring.training
@@ -21,14 +20,6 @@ pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "tspin" / "tiny.yaml")
 SMALL = ["data.num_prompts=24", "generation.max_new_tokens=10", "generation.batch_size=8", "train.batch_size=4",
          "train.save_steps=2", "eval.num_examples=16", "eval.max_new_tokens=10"]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class Probe:
