@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import types
-from collections import defaultdict
 
 import pytest
 import torch
+from tests.unit.trl_dpo import bare_dpo_trainer, last_metrics
 
 from sparring.losses import spin_loss
 
@@ -206,10 +206,6 @@ def test_tabular_opponent_equal_to_data_is_optimal_with_loss_log2() -> None:
 # --- parity with TRL's DPO loss -------------------------------------------------------------------
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def trl_dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -226,30 +222,7 @@ def trl_dpo_loss(
     log-probs). The "model" is a stub whose per-token log-probs are one completion token per
     sequence holding the sequence log-prob, so TRL's own sum over tokens reproduces our inputs.
     """
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    trainer = object.__new__(dpo_trainer.DPOTrainer)
-    accelerator = types.SimpleNamespace(  # single process: gathering is the identity
-        device=torch.device("cpu"), gather=_identity, gather_for_metrics=_identity
-    )
-    attributes = {
-        "accelerator": accelerator,
-        "model": types.SimpleNamespace(training=True),
-        "beta": beta,
-        "loss_types": [loss_type],
-        "loss_weights": [1.0],
-        "ld_alpha": None,
-        "f_divergence_type": "reverse_kl",
-        "f_alpha_divergence_coef": 1.0,
-        "label_smoothing": 0.0,
-        "use_weighting": False,
-        "aux_loss_enabled": False,
-        "precompute_ref_logps": True,
-        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
-        "_total_train_tokens": 0,
-        "_tp_size": 1,
-    }
-    for name, value in attributes.items():
-        setattr(trainer, name, value)
+    trainer = bare_dpo_trainer(beta=beta, loss_type=loss_type)
     n = policy_chosen.shape[0]
 
     def model(**_: object) -> types.SimpleNamespace:
@@ -268,7 +241,7 @@ def trl_dpo_loss(
         "ref_rejected_logps": ref_rejected,
     }
     loss = trainer._compute_loss(model, inputs, return_outputs=False)
-    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return loss, last_metrics(trainer)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])

@@ -4,10 +4,10 @@ tiny Llama and batch as sparring's log-prob function + ``spin_loss`` (TRL's own 
 from __future__ import annotations
 
 import types
-from collections import defaultdict
 
 import pytest
 import torch
+from tests.unit.trl_dpo import bare_dpo_trainer, last_metrics
 
 from sparring.logprobs import collate, sequence_logps
 from sparring.losses import spin_loss
@@ -16,43 +16,19 @@ from sparring.tasks import build_tiny_model, build_tokenizer
 BETA = 0.1
 
 
-def _identity(x):
-    return x
-
-
-def trl_loss(policy, reference, batch, pairs_count):
-    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+def trl_loss(policy, reference, batch):
     utils = pytest.importorskip("trl.trainer.utils")
     # As DPOTrainer.__init__ does: the policy's head also returns the fields its metrics read.
     utils.add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     utils.add_fused_lm_head(reference)
-    trainer = object.__new__(dpo.DPOTrainer)
-    fields = {
-        "accelerator": types.SimpleNamespace(device=torch.device("cpu"), gather=_identity,
-                                             gather_for_metrics=_identity, unwrap_model=_identity),
-        "args": types.SimpleNamespace(gradient_checkpointing_kwargs=None),
-        "model": policy,
-        "ref_model": reference,
-        "beta": BETA,
-        "loss_types": ["sigmoid"],
-        "loss_weights": [1.0],
-        "ld_alpha": None,
-        "f_divergence_type": "reverse_kl",
-        "f_alpha_divergence_coef": 1.0,
-        "label_smoothing": 0.0,
-        "use_weighting": False,
-        "aux_loss_enabled": False,
-        "precompute_ref_logps": False,
-        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
-        "_total_train_tokens": 0,
-        "_tp_size": 1,
-    }
-    for name, value in fields.items():
-        setattr(trainer, name, value)
+    trainer = bare_dpo_trainer(
+        beta=BETA, loss_type="sigmoid", model=policy, ref_model=reference, precompute_ref_logps=False,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+    )
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
               "completion_mask": batch.response_mask}
     loss = trainer._compute_loss(policy, inputs, return_outputs=False)
-    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss, last_metrics(trainer)
 
 
 def test_spin_loss_on_a_tiny_model_matches_trl_dpo():
@@ -75,7 +51,7 @@ def test_spin_loss_on_a_tiny_model_matches_trl_dpo():
     our_loss = ours.loss.mean()
     our_grads = torch.autograd.grad(our_loss, list(policy.parameters()))
 
-    theirs, metrics = trl_loss(policy, reference, batch, 2)
+    theirs, metrics = trl_loss(policy, reference, batch)
     their_grads = torch.autograd.grad(theirs, list(policy.parameters()))
 
     assert abs(our_loss.item() - 0.693147) > 1e-3  # policy ≠ reference: not the trivial log 2 point
