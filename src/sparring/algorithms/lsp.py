@@ -38,7 +38,7 @@ from sparring.lsp_rollouts import (
 from sparring.modeling import load_model, resolve_dtype
 from sparring.rewards import SelfJudge
 from sparring.state import read_jsonl, write_jsonl
-from sparring.training.loop import SCHEDULE_FILE, _latest_checkpoint, _save_checkpoint
+from sparring.training.loop import load_latest_checkpoint, save_checkpoint
 from sparring.training.optim import linear_schedule, make_optimizer
 
 
@@ -61,11 +61,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     model, optimizer = acc.prepare(model, optimizer)
 
     checkpoints = s.run_dir.root / "checkpoints"
-    start = 0
-    if latest := _latest_checkpoint(checkpoints):
-        start, path = latest
-        acc.load_state(str(path))
-        scheduler.load_state_dict(torch.load(path / SCHEDULE_FILE, weights_only=True))
+    start = load_latest_checkpoint(acc, scheduler, checkpoints)
     s.logger.drop(lambda r: r.get("kind") == "lsp" and r["step"] > start)
     s.logger.open_tensorboard(purge_step=start + 1)
     samples_path = s.run_dir.root / "samples.jsonl"
@@ -103,7 +99,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
             samples += sample_rows(step, r, rewards, quality, adv)
             write_jsonl(samples_path, samples)  # rewritten whole, so a resume never duplicates rows
         if step % lsp.save_every == 0 and step < lsp.steps:
-            _save_checkpoint(acc, scheduler, checkpoints, step)
+            save_checkpoint(acc, scheduler, checkpoints, step)
             if s.main:
                 s.run_dir.mark_done(f"step{step}", {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
         evaluate(s, model, step)

@@ -54,9 +54,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
+def load_latest_checkpoint(accelerator, scheduler, folder: Path) -> int:
+    """Restore the newest checkpoint under ``folder`` (model, optimizer, RNG, schedule); its step, or 0."""
     done = sorted(folder.glob("step-*[0-9]")) if folder.exists() else []
-    return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
+    if not done:
+        return 0
+    accelerator.load_state(str(done[-1]))
+    scheduler.load_state_dict(torch.load(done[-1] / SCHEDULE_FILE, weights_only=True))
+    return int(done[-1].name.split("-")[1])
 
 
 def train(
@@ -91,12 +96,8 @@ def train(
     # and saved beside accelerate's state.
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start = 0
     checkpoints = folder / "checkpoints"
-    if latest := _latest_checkpoint(checkpoints):
-        start, path = latest
-        accelerator.load_state(str(path))
-        scheduler.load_state_dict(torch.load(path / SCHEDULE_FILE, weights_only=True))
+    start = load_latest_checkpoint(accelerator, scheduler, checkpoints)
     logger.drop(lambda r: r.get("kind") == "train" and _same(r, log_fields) and r["step"] > start)
     logger.open_tensorboard(purge_step=global_step_offset + start + 1)
 
@@ -141,7 +142,7 @@ def train(
             row = {"kind": "train", **log_fields, "step": done, "epoch": round(done / total * cfg.epochs, 4), **last}
             logger.log(row, step=global_step_offset + done)
         if done % cfg.save_steps == 0 and done < total:
-            _save_checkpoint(accelerator, scheduler, checkpoints, done)
+            save_checkpoint(accelerator, scheduler, checkpoints, done)
     bar.close()
     logger.close()
     accelerator.wait_for_everyone()
@@ -152,7 +153,7 @@ def _same(row: dict, fields: dict[str, Any]) -> bool:
     return all(row.get(k) == v for k, v in fields.items())
 
 
-def _save_checkpoint(accelerator, scheduler, folder: Path, step: int) -> None:
+def save_checkpoint(accelerator, scheduler, folder: Path, step: int) -> None:
     """save_state into a temporary folder, rename it into place, then drop older checkpoints."""
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
