@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -76,7 +77,21 @@ def ensure_base_model(cfg: RunConfig) -> None:
     build_proving_ground(cfg.sft, model_dir=target)
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun / accelerate launch started (1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.train))
+    # Without cpu=True accelerate only builds a process group on an accelerator: under torchrun on
+    # a CPU machine every process would run alone as rank 0 of 1, all writing the same run folder.
+    cpu = launched_world_size() > 1 and torch.accelerator.current_accelerator() in (None, torch.device("mps"))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(cfg.train))
+    if accelerator.num_processes != launched_world_size():
+        raise RuntimeError(f"launched {launched_world_size()} processes but accelerate joined "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type})")
+    if accelerator.is_main_process:
+        print(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value.lower()}, {accelerator.device})")
+    return accelerator
