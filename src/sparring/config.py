@@ -63,6 +63,13 @@ class GenerationConfig:
     batch_size: int = 16
     seed: int = 42
     vllm_gpu_memory_utilization: float = 0.5  # the HF model of the iterate stays loaded beside vLLM
+    # Generation stops at every end id the model declares (its generation_config EOS list, the chat
+    # template's end-of-turn token, the tokenizer's EOS) and at these extra ids.
+    stop_token_ids: list[int] = field(default_factory=list)
+    # A response cut at max_new_tokens is never given an end of turn it did not generate. keep: train
+    # on the tokens sampled; drop: leave its pair/row out of training (counted); penalize: LSP only,
+    # the lowest reward (lsp.reward.truncated_reward). The papers do not say what they did.
+    on_truncated: Literal["keep", "drop", "penalize"] = "keep"
 
 
 @dataclass
@@ -136,6 +143,8 @@ class LspRewardConfig:
     # Answers to a query the verifier cannot parse all get this reward: the solver learns nothing from
     # them (zero advantage) and the challenger sees the query as fully solved (its worst case).
     invalid_query_reward: float = 1.0
+    # With generation.on_truncated=penalize, an answer cut at lsp.answer_max_new_tokens gets this reward.
+    truncated_reward: float = 0.0
 
 
 @dataclass
@@ -386,6 +395,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("spin.iterations must be >= 1")
     if cfg.spin.mix_previous < 0:
         raise ConfigError("spin.mix_previous must be >= 0")
+    if cfg.generation.on_truncated == "penalize" and cfg.method != "lsp":
+        raise ConfigError(
+            "generation.on_truncated=penalize gives truncated answers the lowest reward, which only a rewarded "
+            f"method (lsp) has; {cfg.method} already pushes every y′ down: use keep or drop"
+        )
     _validate_lsp(cfg.lsp)
 
 

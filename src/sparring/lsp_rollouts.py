@@ -63,7 +63,7 @@ class Rollouts:
     """One iteration's playouts: N queries from π_θ(·|⟨cp⟩), G answers each from π_θ(·|q)."""
 
     challenger_prompt_ids: list[int]  # ⟨cp⟩ rendered as a user turn
-    query_ids: list[list[int]]  # N sampled query tokens (+ EOS when the query finished)
+    query_ids: list[list[int]]  # N sampled query tokens (closed by the stop id when the query finished)
     queries: list[str]  # N decoded q_i
     solver_prompt_ids: list[list[int]]  # N: q_i rendered as a user turn, without ⟨cp⟩
     answer_ids: list[list[int]]  # N·G row-major: (i=0, j=0), (i=0, j=1), …
@@ -94,11 +94,6 @@ def _sample(model, tokenizer, prompts, params: SamplingParams, seed: int, batch_
 
 def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, batch_size: int) -> Rollouts:
     """Challenger then solver sampling, seeded by (seed, step, role) so a resumed run redraws them."""
-    eos = tokenizer.eos_token_id
-
-    def ids(c):  # the sampled tokens, closed by EOS when the model ended its turn
-        return c.token_ids + ([eos] if c.finished else [])
-
     cp_ids, _ = encode(tokenizer, user_turn(challenger_prompt(lsp)))
     query_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.query_max_new_tokens)
     queries = _sample(model, tokenizer, [cp_ids] * lsp.num_queries, query_params,
@@ -109,8 +104,8 @@ def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, b
     answers = _sample(model, tokenizer, [p for p in solver_prompts for _ in range(g)], answer_params,
                       batch_seed(seed, "lsp", step, "solver"), batch_size)
     return Rollouts(
-        cp_ids, [ids(q) for q in queries], [q.text for q in queries], solver_prompts,
-        [ids(a) for a in answers], [a.text for a in answers], [a.finished for a in answers],
+        cp_ids, [q.token_ids for q in queries], [q.text for q in queries], solver_prompts,
+        [a.token_ids for a in answers], [a.text for a in answers], [a.finished for a in answers],
     )
 
 

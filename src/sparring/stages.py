@@ -74,8 +74,11 @@ def release(s: Session | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None) -> list[str]:
-    """One sampled response per training prompt from ``model``, stored as iter_t/{name}.jsonl."""
+def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None) -> list[dict]:
+    """One sampled response per training prompt from ``model``, stored as iter_t/{name}.jsonl.
+
+    Rows in prompt order: {"text", "token_ids" (what the model sampled, stop id included), "finished"}.
+    """
     cfg = cfg or s.cfg
     out = s.run_dir.iteration(t) / f"{name}.jsonl"
     stage = f"iter{t}/{name}"
@@ -104,10 +107,35 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
             write_jsonl(out, [
                 {"row": e.row, "prompt": e.prompt, "real": e.real, **r} for e, r in zip(s.data.examples, rows)
             ])
-            s.run_dir.mark_done(stage, {"finished": sum(r["finished"] for r in rows), "rows": len(rows)})
+            truncated = sum(not r["finished"] for r in rows)
+            s.run_dir.mark_done(stage, {"finished": len(rows) - truncated, "truncated": truncated, "rows": len(rows)})
+            s.logger.log({"kind": "generation", "iteration": t, "name": name, "rows": len(rows),
+                          "truncated": truncated, "truncated_frac": truncated / len(rows),
+                          "on_truncated": cfg.generation.on_truncated})
             shutil.rmtree(s.run_dir.iteration(t) / f"{name}.chunks", ignore_errors=True)
         s.accelerator.wait_for_everyone()
-    return [r["text"] for r in read_jsonl(out)]
+    return read_generated(out)
+
+
+def read_generated(path: Path) -> list[dict]:
+    rows = read_jsonl(path)
+    if rows and "token_ids" not in rows[0]:
+        raise RuntimeError(
+            f"{path} holds no sampled token ids (written by an older sparring, which re-encoded text); "
+            f"delete {path.parent} to sample this iteration again"
+        )
+    return rows
+
+
+def response_ids(s: Session, i: int, sample: dict, max_length: int) -> list[int]:
+    """The ids a model sampled for training prompt i, cut so that prompt + response fit ``max_length``."""
+    return sample["token_ids"][: max(max_length - len(s.data.prompt_ids[i]), 0)]
+
+
+def kept(samples: list[dict], cfg: RunConfig) -> bool:
+    """Whether a row whose responses are ``samples`` trains (generation.on_truncated=drop leaves out rows
+    with a truncated one)."""
+    return cfg.generation.on_truncated != "drop" or all(r["finished"] for r in samples)
 
 
 def cleanup_iteration(s: Session, t: int) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sparring.config import DataConfig
-from sparring.data import DataError, encode, load_examples, load_rows, parse_row, render_prompt, render_response
+from sparring.data import DataError, encode, load_examples, load_rows, parse_row, render_prompt
 from sparring.data.dataset import load_training_set
 from sparring.tasks import build_tokenizer
 
@@ -120,7 +120,7 @@ def test_rendered_prompt_tokens_are_a_prefix_of_prompt_plus_response(tokenizer):
     assert full_ids[: len(prompt_ids)] == prompt_ids
     assert prompt_ids + response_ids == full_ids
     assert render_prompt(tokenizer, prompt).endswith("<|assistant|>")
-    assert render_response(tokenizer, prompt, "6") == "6<|end|>"  # the response carries the end of turn
+    assert tokenizer.decode(response_ids) == "6<|end|>"  # the response carries the end of turn
     assert response_ids[-1] == tokenizer.eos_token_id
 
 
@@ -132,7 +132,9 @@ def test_response_is_cut_to_max_length(tokenizer):
 def test_tokenizer_without_chat_template_uses_plain_turns():
     plain = build_tokenizer()
     plain.chat_template = None
-    assert render_prompt(plain, [USER1]) == "User: What is 2 + 2?\n\nAssistant: "
-    assert render_response(plain, [USER1], "4") == "4\n\n"
+    # No trailing space after "Assistant:" (a BPE boundary trap); the turn is closed by EOS, and the
+    # template's "\n\n" after it is glue between turns that no generator samples.
+    assert render_prompt(plain, [USER1]) == "User: What is 2 + 2?\n\nAssistant:"
     prompt_ids, response_ids = encode(plain, [USER1], "4")
-    assert plain.decode(prompt_ids + response_ids) == "User: What is 2 + 2?\n\nAssistant: 4\n\n"
+    assert plain.decode(response_ids) == " 4<|end|>"
+    assert plain.decode(prompt_ids + response_ids) == "User: What is 2 + 2?\n\nAssistant: 4<|end|>"

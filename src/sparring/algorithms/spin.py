@@ -23,7 +23,7 @@ from sparring.config import RunConfig
 from sparring.data import encode
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, spin_loss
-from sparring.state import read_jsonl, write_jsonl
+from sparring.state import write_jsonl
 from sparring.training import score_sequences, train
 
 
@@ -56,11 +56,12 @@ def spin_step(model, batch: PairBatch, *, scale: float, kind: str) -> LossOutput
     return spin_loss(real, generated, batch.opponent_real, batch.opponent_generated, scale=scale, kind=kind)
 
 
-def build_pairs(s: stages.Session, t: int, cfg: RunConfig) -> list[tuple[int, str]]:
-    """(example index, y′) for iteration t's pairs: its own samples, then earlier iterations' samples."""
+def build_pairs(s: stages.Session, t: int, cfg: RunConfig) -> list[tuple[int, dict]]:
+    """(example index, y′) for iteration t's pairs: its own samples, then earlier iterations' samples;
+    pairs with a truncated y′ are left out when ``generation.on_truncated=drop``."""
     pairs = []
     for k in range(t, max(-1, t - cfg.spin.mix_previous - 1), -1):
-        pairs += list(enumerate(generated_set(s, k, cfg)))
+        pairs += [(i, y) for i, y in enumerate(generated_set(s, k, cfg)) if stages.kept([y], cfg)]
     return pairs
 
 
@@ -68,14 +69,16 @@ def uses_dataset_generated(s: stages.Session, t: int, cfg: RunConfig) -> bool:
     return t == 0 and cfg.spin.use_dataset_generated and all(e.generated is not None for e in s.data.examples)
 
 
-def generated_set(s: stages.Session, t: int, cfg: RunConfig) -> list[str]:
-    """y′ of iteration t: from the data at t = 0 when rows carry them, else sampled from θ_t."""
+def generated_set(s: stages.Session, t: int, cfg: RunConfig) -> list[dict]:
+    """y′ of iteration t: from the data at t = 0 when rows carry them (encoded as the real y is), else
+    the token ids θ_t sampled."""
     if uses_dataset_generated(s, t, cfg):
-        return [e.generated for e in s.data.examples]
+        return [{"text": e.generated, "token_ids": encode(s.tokenizer, e.prompt, e.generated)[1], "finished": True}
+                for e in s.data.examples]
     path = s.run_dir.iteration(t) / "generated.jsonl"
     if not s.run_dir.is_done(f"iter{t}/generated"):
         raise RuntimeError(f"iteration {t} has no generated responses yet ({path})")
-    return [r["text"] for r in read_jsonl(path)]
+    return stages.read_generated(path)
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
@@ -94,7 +97,9 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         # 2. pairs (x, y, y′), this iteration's and the mixed-in earlier ones
         pairs = build_pairs(s, t, icfg)
         tok, max_len = s.tokenizer, icfg.data.max_length
-        gen_ids = [encode(tok, s.data.examples[i].prompt, y, max_length=max_len)[1] for i, y in pairs]
+        gen_ids = [stages.response_ids(s, i, y, max_len) for i, y in pairs]
+        if not pairs:
+            raise RuntimeError(f"iteration {t}: every y′ was truncated and generation.on_truncated=drop left no pairs")
 
         # 3. opponent log-probs under θ_t, once: every real response once, every y′ once
         n = len(s.data.examples)
@@ -112,7 +117,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         ]
         if s.main and not (s.run_dir.iteration(t) / "pairs.jsonl").exists():
             write_jsonl(s.run_dir.iteration(t) / "pairs.jsonl", [
-                {"example": i, "generated": y, "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
+                {"example": i, "generated": y["text"], "finished": y["finished"], "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
                 for (i, y), r in zip(pairs, records)
             ])
 

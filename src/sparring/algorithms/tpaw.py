@@ -33,10 +33,9 @@ import torch
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.data import encode
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tpaw_loss
-from sparring.state import atomic_write_json, read_jsonl
+from sparring.state import atomic_write_json
 from sparring.training import score_sequences, train
 
 
@@ -77,12 +76,12 @@ def team(t: int, max_team_size: int) -> list[int]:
     return list(range(t, max(-1, t - max_team_size), -1))
 
 
-def generated_set(s: stages.Session, k: int) -> list[str]:
-    """D_k's y′, as round k wrote them (rounds k < t are read back, never regenerated)."""
+def generated_set(s: stages.Session, k: int) -> list[dict]:
+    """D_k's y′, as round k sampled them (rounds k < t are read back, never regenerated)."""
     path = s.run_dir.iteration(k) / "generated.jsonl"
     if not s.run_dir.is_done(f"iter{k}/generated"):
         raise RuntimeError(f"round {k} has no generated responses ({path}); its data cannot be reused")
-    return [r["text"] for r in read_jsonl(path)]
+    return stages.read_generated(path)
 
 
 def scored_sets(j: int, members: list[int], cfg: RunConfig) -> list[int]:
@@ -120,11 +119,13 @@ def team_logps(s: stages.Session, policy, t: int, j: int, gen_ids: dict[int, lis
     return {"real": data["real"], "generated": {int(k): v for k, v in data["generated"].items()}}
 
 
-def build_rows(s: stages.Session, members: list[int], gen_ids: dict[int, list[list[int]]], scores: dict) -> list[TeamRecord]:
-    """One row per (set D_k, prompt), sets newest first; column c holds θ_{members[c]}'s log-probs."""
+def build_rows(s: stages.Session, members: list[int], gen_ids: dict[int, list[list[int]]], scores: dict,
+               keep: dict[int, list[bool]]) -> list[TeamRecord]:
+    """One row per (set D_k, prompt) that ``keep`` keeps, sets newest first; column c holds
+    θ_{members[c]}'s log-probs."""
     rows = []
     for k in members:
-        for i in range(len(s.data.examples)):
+        for i in (i for i in range(len(s.data.examples)) if keep[k][i]):
             mask = [k in scores[j]["generated"] for j in members]
             rows.append(TeamRecord(
                 s.data.prompt_ids[i], s.data.real_ids[i], gen_ids[k][i],
@@ -148,18 +149,18 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         model = stages.load_iterate(s, t)  # θ_t: newest player, sampler and starting point
 
         # 1. generate D_t with θ_t; reuse D_{t−1}, D_{t−2}
-        texts = {t: stages.generate(s, model, t, "generated", icfg)} | {k: generated_set(s, k) for k in members[1:]}
+        samples = {t: stages.generate(s, model, t, "generated", icfg)} | {k: generated_set(s, k) for k in members[1:]}
 
-        # 2. D_O's rows, tokenised like the real responses
+        # 2. D_O's rows: the ids each player sampled (rows with a truncated y′ out if on_truncated=drop)
         tok, max_len = s.tokenizer, icfg.data.max_length
-        gen_ids = {
-            k: [encode(tok, e.prompt, y, max_length=max_len)[1] for e, y in zip(s.data.examples, texts[k])]
-            for k in members
-        }
+        gen_ids = {k: [stages.response_ids(s, i, y, max_len) for i, y in enumerate(samples[k])] for k in members}
+        keep = {k: [stages.kept([y], icfg) for y in samples[k]] for k in members}
 
         # 3. team log-probs: θ_t (the policy, untrained) first, then each older checkpoint in turn
         scores = {j: team_logps(s, model, t, j, gen_ids, icfg) for j in members}
-        records = build_rows(s, members, gen_ids, scores)
+        records = build_rows(s, members, gen_ids, scores, keep)
+        if not records:
+            raise RuntimeError(f"round {t}: generation.on_truncated=drop left no rows")
         if s.main:
             atomic_write_json(s.run_dir.iteration(t) / "team.json", {
                 "players": members, "sets": members, "rows": len(records),

@@ -25,10 +25,9 @@ from typing import NamedTuple
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.data import encode
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tspin_loss
-from sparring.state import atomic_write_json, read_jsonl, write_jsonl
+from sparring.state import atomic_write_json, write_jsonl
 from sparring.training import train
 
 PROTO = "proto"  # iter_000/proto.jsonl: y₀ ~ π_θ0, drawn once
@@ -68,21 +67,21 @@ def history_weight(cfg: RunConfig, t: int) -> float:
     return weights[min(t, len(weights) - 1)]
 
 
-def proto_set(s: stages.Session, model, t: int, cfg: RunConfig) -> list[str]:
+def proto_set(s: stages.Session, model, t: int, cfg: RunConfig) -> list[dict]:
     """y₀: sampled by θ_0 at iteration 0 (``model`` is θ_0 then), read back unchanged afterwards."""
     path = s.run_dir.iteration(0) / f"{PROTO}.jsonl"
     if t == 0:
-        texts = stages.generate(s, model, 0, PROTO, cfg)
+        samples = stages.generate(s, model, 0, PROTO, cfg)
         source = s.run_dir.iteration(0) / f"{PROTO}.source.json"
         if s.main and not source.exists():  # which checkpoint drew y₀, for the record
             atomic_write_json(source, {
                 "checkpoint": cfg.model.name_or_path, "revision": cfg.model.revision, "iteration": 0,
                 "file": str(path.relative_to(s.run_dir.root)), "generation": vars(cfg.generation),
             })
-        return texts
+        return samples
     if not s.run_dir.is_done(f"iter0/{PROTO}"):
         raise RuntimeError(f"the proto-synthetic responses of θ_0 are missing ({path}); rerun from iteration 0")
-    return [r["text"] for r in read_jsonl(path)]
+    return stages.read_generated(path)
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
@@ -101,21 +100,23 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         protos = proto_set(s, model, t, icfg)
         generated = stages.generate(s, model, t, "generated", icfg)
 
-        # 2. triplets (x, y, y′, y₀)
+        # 2. triplets (x, y, y′, y₀), the sampled ids as drawn (with on_truncated=drop, whole rows out)
         tok, max_len = s.tokenizer, icfg.data.max_length
+        rows = [i for i in range(len(s.data.examples)) if stages.kept([generated[i], protos[i]], icfg)]
+        if not rows:
+            raise RuntimeError(f"iteration {t}: generation.on_truncated=drop left no triplets")
         records = [
             TripletRecord(
                 s.data.prompt_ids[i], s.data.real_ids[i],
-                encode(tok, e.prompt, generated[i], max_length=max_len)[1],
-                encode(tok, e.prompt, protos[i], max_length=max_len)[1],
+                stages.response_ids(s, i, generated[i], max_len), stages.response_ids(s, i, protos[i], max_len),
             )
-            for i, e in enumerate(s.data.examples)
+            for i in rows
         ]
         beta = betas[t]
         if s.main and not (s.run_dir.iteration(t) / "triplets.jsonl").exists():
             write_jsonl(s.run_dir.iteration(t) / "triplets.jsonl", [
-                {"example": i, "generated": g, "proto": p, "history_weight": beta}
-                for i, (g, p) in enumerate(zip(generated, protos))
+                {"example": i, "generated": generated[i]["text"], "proto": protos[i]["text"], "history_weight": beta}
+                for i in rows
             ])
 
         # 3. (no precompute: T-SPIN has no opponent or reference log-probs)

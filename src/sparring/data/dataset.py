@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from sparring.config import DataConfig
-from sparring.data.chat import encode
+from sparring.data.chat import NotAPrefixError, encode
 from sparring.data.records import Example, LoadReport, load_examples
 from sparring.data.sources import load_rows
 
@@ -21,7 +21,10 @@ class TrainingSet:
 
 def load_training_set(cfg: DataConfig, tokenizer) -> TrainingSet:
     def too_long(example: Example) -> str | None:
-        n = len(encode(tokenizer, example.prompt)[0])
+        try:  # a conversation whose prompt ids are not a prefix of prompt + response ids is a bad row
+            n = len(encode(tokenizer, example.prompt, example.real)[0])
+        except NotAPrefixError as err:
+            return str(err)
         if n > cfg.max_prompt_length:
             return f"prompt has {n} tokens, more than data.max_prompt_length={cfg.max_prompt_length}"
         return None

@@ -1,10 +1,16 @@
-"""Hugging Face ``generate`` backend: left padding, KV cache, batch-level seeds."""
+"""Hugging Face ``generate`` backend: left padding, KV cache, batch-level seeds.
+
+Generation stops at every end id: the EOS list of the model's own generation_config (Qwen and
+Llama-3 chat models list their end-of-turn token there), the template's end-of-turn token, the
+tokenizer's EOS and ``SamplingParams.stop_token_ids``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from sparring.generation.base import Completion, SamplingParams
+from sparring.data.chat import stop_token_ids
+from sparring.generation.base import Completion, SamplingParams, complete
 
 
 class HFGenerator:
@@ -17,6 +23,7 @@ class HFGenerator:
         from transformers import GenerationConfig
 
         tok = self.tokenizer
+        stops = stop_token_ids(tok, self.model.generation_config.eos_token_id, params.stop_token_ids)
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
@@ -30,7 +37,7 @@ class HFGenerator:
             do_sample=params.do_sample,
             max_new_tokens=params.max_new_tokens,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             use_cache=True,
             **(sampling if params.do_sample else {}),
         )
@@ -47,10 +54,4 @@ class HFGenerator:
         finally:
             self.model.generation_config = saved
             self.model.train(was_training)
-        completions = []
-        for row in out[:, width:].tolist():
-            finished = tok.eos_token_id in row
-            row = row[: row.index(tok.eos_token_id)] if finished else row
-            row = [t for t in row if t != tok.pad_token_id]
-            completions.append(Completion(tok.decode(row, skip_special_tokens=True).strip(), row, finished))
-        return completions
+        return [complete(tok, row, stops) for row in out[:, width:].tolist()]

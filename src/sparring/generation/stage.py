@@ -20,7 +20,7 @@ def generate_responses(
     accelerator=None,
     desc: str = "generate",
 ) -> list[dict]:
-    """One completion per prompt, returned in prompt order as {"text", "finished", "num_tokens"}.
+    """One completion per prompt, in prompt order, as {"text", "token_ids", "finished", "num_tokens"}.
 
     Prompts are sorted by length (less padding), cut into fixed batches, and batch k is done by
     process k % world_size with a seed fixed by k, so results do not depend on where a crash was.
@@ -39,7 +39,8 @@ def generate_responses(
         store.write(
             k,
             [
-                {"index": i, "text": c.text, "finished": c.finished, "num_tokens": len(c.token_ids)}
+                {"index": i, "text": c.text, "token_ids": c.token_ids, "finished": c.finished,
+                 "num_tokens": len(c.token_ids)}
                 for i, c in zip(idx, completions)
             ],
         )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparring.generation.base import Completion, SamplingParams
+from sparring.data.chat import stop_token_ids
+from sparring.generation.base import Completion, SamplingParams, complete
 
 
 class VLLMGenerator:
@@ -19,7 +20,13 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as err:  # pragma: no cover - needs the extra
             raise ImportError("generation.backend=vllm needs vLLM: pip install 'sparring[vllm]'") from err
+        from transformers import GenerationConfig
+
         self.tokenizer = tokenizer
+        try:  # the end ids the checkpoint declares (Qwen / Llama-3 chat models list end-of-turn there)
+            self.declared_eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        except OSError:
+            self.declared_eos = None
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                        gpu_memory_utilization=gpu_memory_utilization)
 
@@ -27,6 +34,7 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
+        stops = stop_token_ids(self.tokenizer, self.declared_eos, params.stop_token_ids)
         sampling = VLLMSampling(
             n=1,
             temperature=params.temperature if params.do_sample else 0.0,
@@ -34,16 +42,12 @@ class VLLMGenerator:
             top_k=params.top_k if (params.do_sample and params.top_k) else -1,
             max_tokens=params.max_new_tokens,
             seed=seed,
+            stop_token_ids=stops,
+            skip_special_tokens=True,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
-        eos = self.tokenizer.eos_token_id
-        completions = []
-        for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            finished = out.outputs[0].finish_reason == "stop"
-            ids = ids[: ids.index(eos)] if eos in ids else ids
-            completions.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
-        return completions
+        # vLLM's token_ids end with the stop id that finished the sequence, as the HF backend's do.
+        return [complete(self.tokenizer, list(out.outputs[0].token_ids), stops) for out in outputs]
 
     def close(self) -> None:
         """Free the GPU memory vLLM holds before training starts."""
