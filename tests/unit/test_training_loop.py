@@ -108,3 +108,53 @@ def test_logged_metrics_use_trl_names(tmp_path):
     for name in ["loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
                  "logps/real", "logps/generated", "lr", "grad_norm", "epoch"]:
         assert name in row
+
+
+class RankOf:
+    """One process of a simulated ``world``: a real single-process Accelerator that claims ``rank``
+    and records, per step, the gradients DDP would average and the metric totals it would sum."""
+
+    def __init__(self, rank: int, world: int):
+        from accelerate import Accelerator
+
+        self._accelerator = Accelerator(cpu=True)
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+        self.grads: list[torch.Tensor] = []
+        self.totals: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.grads.append(torch.cat([p.grad.flatten() for p in params]))
+        return torch.tensor(0.0)
+
+    def reduce(self, tensor, reduction="sum"):
+        self.totals.append(tensor.clone())
+        return tensor
+
+
+def simulate(tmp_path, cfg: TrainConfig, world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradients, metric totals) per step as the all-reduce would see them: lr 0 keeps every
+    simulated rank on the same weights, so each can run alone."""
+    ranks = [RankOf(r, world) for r in range(world)]
+    for r, accelerator in enumerate(ranks):
+        train(Toy(), records(n), collate=collate, loss_step=step, cfg=cfg, accelerator=accelerator,
+              folder=tmp_path / str(r), logger=MetricsLogger(tmp_path / f"{r}.jsonl", None), log_fields={})
+    grads = torch.stack([torch.stack(a.grads) for a in ranks]).mean(0)  # DDP averages over ranks
+    totals = torch.stack([torch.stack(a.totals) for a in ranks]).sum(0)
+    return grads, totals
+
+
+def test_two_processes_with_an_idle_rank_match_one_process_with_twice_the_batch(tmp_path):
+    # 25 records in micro-batches of 8: the last micro-batch holds one record, so rank 1 has none.
+    one = TrainConfig(optimizer="adamw", lr=0.0, epochs=1, batch_size=8, grad_accum=2, save_steps=100)
+    two = TrainConfig(optimizer="adamw", lr=0.0, epochs=1, batch_size=4, grad_accum=2, save_steps=100)
+    assert plan_steps(25, one, 1) == plan_steps(25, two, 2)
+    grads1, totals1 = simulate(tmp_path / "one", one, world=1, n=25)
+    grads2, totals2 = simulate(tmp_path / "two", two, world=2, n=25)
+    torch.testing.assert_close(grads2, grads1, rtol=1e-6, atol=1e-7)
+    # Example-weighted metric means: sums over their shares, the stand-in record counting for nothing.
+    half = totals1.shape[1] // 2
+    torch.testing.assert_close(totals2[:, :half] / totals2[:, half:], totals1[:, :half] / totals1[:, half:],
+                               rtol=1e-6, atol=1e-7)

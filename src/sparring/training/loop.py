@@ -46,6 +46,31 @@ def plan_steps(n: int, cfg: TrainConfig, world: int) -> list[list[list[int]]]:
     return steps
 
 
+@dataclass
+class MicroBatch:
+    indices: list[int]  # the records this process runs
+    count: int  # how many of them are its share; 0 for a stand-in record run only to join the all-reduce
+
+
+def shard_step(step: list[list[int]], rank: int, world: int) -> list[MicroBatch]:
+    """This process's share of each micro-batch. A process left without examples still runs one
+    record (DDP needs every rank in each gradient all-reduce) that counts for nothing."""
+    return [MicroBatch(m[rank::world] or m[:1], len(m[rank::world])) for m in step]
+
+
+def add_metrics(sums: dict[str, float], shares: dict[str, float], values: dict[str, Any], weight: float) -> None:
+    """Accumulate a micro-batch's metrics, measured on ``weight`` of the step's examples."""
+    for key, value in values.items():
+        value = float(value)
+        sums.setdefault(key, 0.0)  # every key on every process: the reduce sums them by position
+        shares.setdefault(key, 0.0)
+        # A NaN metric was not measured in this micro-batch (a TPAW player that scores none of
+        # its rows): leave it out of the mean instead of poisoning it. The loss is never skipped.
+        if weight > 0 and (key == "loss" or not math.isnan(value)):
+            sums[key] += value * weight
+            shares[key] += weight
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -104,28 +129,19 @@ def train(
     last: dict[str, float] = {}
     bar = progress(total=total, initial=start, desc=desc, enabled=accelerator.is_main_process, unit="step")
     for step in range(start, total):
-        micro_batches = [m[rank::world] or m[:1] for m in plan[step]]  # this process's share
-        count = sum(len(m) for m in micro_batches)
+        micro_batches = shard_step(plan[step], rank, world)
+        step_total = sum(len(m) for m in plan[step])
         sums: dict[str, float] = {}
         shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
-        for j, indices in enumerate(micro_batches):
-            batch = to_device(collate([records[i] for i in indices]), accelerator.device)
+        for j, micro in enumerate(micro_batches):
+            batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
             last_micro = j == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 out = loss_step(model, batch)
-                # Example-weighted mean over the step's micro-batches (the last one may be smaller).
-                accelerator.backward(out.loss.sum() / count)
-            weight = len(indices) / count
-            for key, value in {"loss": out.loss.detach().mean(), **out.metrics}.items():
-                value = float(value)
-                sums.setdefault(key, 0.0)
-                shares.setdefault(key, 0.0)
-                # A NaN metric was not measured in this micro-batch (a TPAW player that scores none of
-                # its rows): leave it out of the mean instead of poisoning it. The loss is never skipped.
-                if key == "loss" or not math.isnan(value):
-                    sums[key] += value * weight
-                    shares[key] += weight
+                # Sum over the step's examples / their global count; × world undoes DDP's mean over ranks.
+                accelerator.backward(out.loss.sum() * (world if micro.count else 0) / step_total)
+            add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
