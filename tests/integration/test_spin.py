@@ -144,3 +144,31 @@ def test_status_and_report_commands(finished_run: Path, capsys):
     assert main(["report", str(finished_run)]) == 0
     assert "| θ2 (after iteration 1) |" in capsys.readouterr().out
     assert (finished_run / "plot.png").exists()
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop"])
+def test_y_prime_trains_on_the_sampled_ids_and_a_truncated_one_gets_no_end_of_turn(tiny_ground, tmp_path, policy,
+                                                                                   monkeypatch):
+    import sparring.algorithms.spin as spin
+    from sparring.training import train
+
+    seen = []  # the records SPIN trains on
+    monkeypatch.setattr(spin, "train", lambda model, records, **kw: seen.append(records) or train(model, records, **kw))
+    out = tmp_path / "run"
+    args = ["run", CONFIG, *tiny_overrides(tiny_ground, out), "data.num_prompts=24", "spin.iterations=1",
+            "eval.num_examples=4", "generation.max_new_tokens=6", f"generation.on_truncated={policy}"]
+    assert main(args) == 0
+    samples = [json.loads(line) for line in (out / "iter_000" / "generated.jsonl").read_text().splitlines()]
+    truncated = [not r["finished"] for r in samples]
+    assert 0 < sum(truncated) < len(samples)  # the setting gives both kinds
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["iter0/generated"]["truncated"] == sum(truncated)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["truncated"] for r in logged if r["kind"] == "generation"] == [sum(truncated)]
+    eos = 3  # <|end|>, the proving ground's end of turn
+    by_ids = {tuple(r.generated_ids) for r in seen[0]}
+    for r in samples:
+        ids = tuple(r["token_ids"])
+        assert (ids[-1] == eos) == r["finished"] and eos not in ids[:-1]  # no end of turn it did not sample
+        assert (ids in by_ids) == (r["finished"] or policy == "keep")
+    assert len(seen[0]) == (len(samples) if policy == "keep" else len(samples) - sum(truncated))

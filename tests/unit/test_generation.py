@@ -27,7 +27,9 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(setup):
     alone = [gen.generate([p], params, seed=0)[0] for p in prompts]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert all(isinstance(c, Completion) and len(c.token_ids) <= 8 for c in together)
-    assert all(tok.eos_token_id not in c.token_ids and tok.pad_token_id not in c.token_ids for c in together)
+    # A finished completion ends with its stop id, once; nothing after it (padding) is kept.
+    assert all(tok.eos_token_id not in c.token_ids[:-1] and tok.pad_token_id not in c.token_ids for c in together)
+    assert all((c.token_ids[-1] == tok.eos_token_id) == c.finished for c in together)
 
 
 def test_sampling_is_fixed_by_the_seed_and_ignores_the_checkpoint_generation_config(setup):
