@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,10 +135,27 @@ class RankOf:
         return tensor
 
 
-def simulate(tmp_path, cfg: TrainConfig, world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+class DeepSpeedStub(RankOf):
+    """What the loop sees of accelerate under DeepSpeed: the plugin's config, and an engine whose
+    backward divides the loss by its accumulation steps and takes sync_gradients as the boundary."""
+
+    def __init__(self):
+        super().__init__(rank=0, world=1)
+        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                  "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3}}
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(gradient_accumulation_steps=None,
+                                                                      deepspeed_config=config))
+        self.boundaries: list[bool] = []
+
+    def backward(self, loss):
+        self.boundaries.append(self.sync_gradients)
+        (loss / self.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]).backward()
+
+
+def simulate(tmp_path, cfg: TrainConfig, world: int, n: int, ranks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradients, metric totals) per step as the all-reduce would see them: lr 0 keeps every
     simulated rank on the same weights, so each can run alone."""
-    ranks = [RankOf(r, world) for r in range(world)]
+    ranks = ranks or [RankOf(r, world) for r in range(world)]
     for r, accelerator in enumerate(ranks):
         train(Toy(), records(n), collate=collate, loss_step=step, cfg=cfg, accelerator=accelerator,
               folder=tmp_path / str(r), logger=MetricsLogger(tmp_path / f"{r}.jsonl", None), log_fields={})
@@ -158,3 +176,22 @@ def test_two_processes_with_an_idle_rank_match_one_process_with_twice_the_batch(
     half = totals1.shape[1] // 2
     torch.testing.assert_close(totals2[:, :half] / totals2[:, half:], totals1[:, :half] / totals1[:, half:],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_deepspeed_accumulates_micro_batches_into_one_engine_step(tmp_path):
+    # 24 records in micro-batches of 4, 4 per step: a step of 4 micro-batches, then one of 2.
+    cfg = TrainConfig(optimizer="adamw", lr=0.0, epochs=1, batch_size=4, grad_accum=4, max_grad_norm=0.5,
+                      save_steps=100)
+    deepspeed = DeepSpeedStub()
+    grads, totals = simulate(tmp_path / "ds", cfg, world=1, n=24, ranks=[deepspeed])
+    plugin = deepspeed.state.deepspeed_plugin
+    assert plugin.gradient_accumulation_steps == deepspeed.gradient_accumulation_steps == 4
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+                                       "train_batch_size": 16, "gradient_clipping": 0.5,
+                                       "zero_optimization": {"stage": 3}}
+    # The engine steps only at the last micro-batch of each step, the short last step included.
+    assert deepspeed.boundaries == [False, False, False, True, False, True]
+    # Its division by the accumulation steps is undone: the same gradients as without DeepSpeed.
+    plain_grads, plain_totals = simulate(tmp_path / "plain", cfg, world=1, n=24)
+    torch.testing.assert_close(grads, plain_grads, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(totals, plain_totals)

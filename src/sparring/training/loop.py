@@ -79,6 +79,35 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def configure_deepspeed(accelerator, cfg: TrainConfig) -> int:
+    """Give DeepSpeed the loop's batch geometry (it reads it from a prepared dataloader, and there is
+    none); returns the accumulation steps its engine divides each micro-batch loss by (1 without it)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return 1
+    plugin.gradient_accumulation_steps = cfg.grad_accum
+    plugin.deepspeed_config.update({
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        "gradient_clipping": cfg.max_grad_norm,  # the engine clips; accelerator.clip_grad_norm_ only reads
+    })
+    accelerator.gradient_accumulation_steps = cfg.grad_accum  # what prepare checks the config against
+    return cfg.grad_accum
+
+
+@contextlib.contextmanager
+def gradient_sync(accelerator, model, *, last: bool):
+    """One micro-batch of a step: no DDP all-reduce before the last one, and no DeepSpeed engine step
+    (no_sync does nothing there): accelerator.backward passes sync_gradients on as the boundary."""
+    accelerator.sync_gradients = last
+    try:
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.sync_gradients = True
+
+
 def load_latest_checkpoint(accelerator, scheduler, folder: Path) -> int:
     """Restore the newest checkpoint under ``folder`` (model, optimizer, RNG, schedule); its step, or 0."""
     done = sorted(folder.glob("step-*[0-9]")) if folder.exists() else []
@@ -113,8 +142,8 @@ def train(
         model.gradient_checkpointing_enable()
     model.train()
     accelerator.free_memory()  # drop the previous iteration's prepared model and optimizer
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:  # no dataloader is prepared
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    # × world undoes DDP's mean over ranks; × DeepSpeed's accumulation steps, the engine's division by them.
+    loss_scale = world * configure_deepspeed(accelerator, cfg)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
     # The scheduler is stepped by hand once per optimizer step (accelerate would step it per process)
@@ -135,12 +164,10 @@ def train(
         shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
         for j, micro in enumerate(micro_batches):
             batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
-            last_micro = j == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
                 out = loss_step(model, batch)
-                # Sum over the step's examples / their global count; × world undoes DDP's mean over ranks.
-                accelerator.backward(out.loss.sum() * (world if micro.count else 0) / step_total)
+                # The sum over the step's examples / their global count (scaled for the reductions after).
+                accelerator.backward(out.loss.sum() * (loss_scale if micro.count else 0) / step_total)
             add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
