@@ -373,3 +373,29 @@ def build_family(
     save_tokenizer(tokenizer, family, folder)
     model.save_pretrained(folder)
     return folder
+
+
+def teach_turns(folder: Path, conversations=None, *, steps: int = 60, lr: float = 1e-2) -> None:
+    """A few steps of SFT on ``conversations`` (tokenized as sparring does), saved in place, so that the
+    family's tiny model ends its turns with the template's end-of-turn token now and then."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparring.data import encode
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    seqs = []
+    for conv in conversations or CONVERSATIONS:
+        try:
+            p, r = encode(tok, conv[:-1], conv[-1]["content"])
+        except ValueError:  # not a token prefix in this family (e.g. ChatML and a leading newline)
+            continue
+        seqs.append(torch.tensor([p + r]))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
+        x = seqs[step % len(seqs)]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(folder)
