@@ -143,6 +143,9 @@ class LspRewardConfig:
     # Answers to a query the verifier cannot parse all get this reward: the solver learns nothing from
     # them (zero advantage) and the challenger sees the query as fully solved (its worst case).
     invalid_query_reward: float = 1.0
+    # An answer the reward could not judge (a user function's None) beside judged answers of its query:
+    # the lowest reward, so an unjudgeable answer is never the best one.
+    unjudged_answer_reward: float = 0.0
     # With generation.on_truncated=penalize, an answer cut at lsp.answer_max_new_tokens gets this reward.
     truncated_reward: float = 0.0
 
@@ -230,7 +233,6 @@ RESUMABLE_FIELDS = (
     "spin.iterations",
     "tspin.iterations",
     "tpaw.iterations",
-    "lsp.steps",
     "lsp.eval_every",
     "lsp.save_every",
     "lsp.sample_every",

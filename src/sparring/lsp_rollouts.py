@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from sparring.config import LspConfig
+from sparring.config import LspConfig, LspRewardConfig
 from sparring.data import encode
 from sparring.generation import HFGenerator, SamplingParams, batch_seed
 from sparring.logprobs import collate, token_logps
@@ -68,7 +69,12 @@ class Rollouts:
     solver_prompt_ids: list[list[int]]  # N: q_i rendered as a user turn, without ⟨cp⟩
     answer_ids: list[list[int]]  # N·G row-major: (i=0, j=0), (i=0, j=1), …
     answers: list[str]  # N·G
-    answers_finished: list[bool]  # N·G
+    answers_finished: list[bool]  # N·G, False: cut at lsp.answer_max_new_tokens
+    queries_finished: list[bool] | None = None  # N, False: cut at lsp.query_max_new_tokens; None: all finished
+
+    def __post_init__(self) -> None:
+        if self.queries_finished is None:
+            self.queries_finished = [True] * len(self.queries)
 
     @property
     def group_size(self) -> int:
@@ -94,6 +100,7 @@ def _sample(model, tokenizer, prompts, params: SamplingParams, seed: int, batch_
 
 def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, batch_size: int) -> Rollouts:
     """Challenger then solver sampling, seeded by (seed, step, role) so a resumed run redraws them."""
+    model.eval()  # the rollout phase; policy_gradient puts the model back in training mode
     cp_ids, _ = encode(tokenizer, user_turn(challenger_prompt(lsp)))
     query_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.query_max_new_tokens)
     queries = _sample(model, tokenizer, [cp_ids] * lsp.num_queries, query_params,
@@ -106,6 +113,7 @@ def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, b
     return Rollouts(
         cp_ids, [q.token_ids for q in queries], [q.text for q in queries], solver_prompts,
         [a.token_ids for a in answers], [a.text for a in answers], [a.finished for a in answers],
+        [q.finished for q in queries],
     )
 
 
@@ -125,12 +133,43 @@ def make_reward(lsp: LspConfig, *, device, dtype) -> RewardFn:
     return load_user_reward(lsp.reward.function)
 
 
-def score_rewards(reward_fn: RewardFn, r: Rollouts, invalid_reward: float) -> tuple[torch.Tensor, RewardBatch]:
-    """R as an (N, G) float64 tensor; pairs the reward could not judge get ``invalid_reward``."""
-    queries = [q for q in r.queries for _ in range(r.group_size)]
-    batch = reward_fn(queries, r.answers)
-    scores = [s if ok else invalid_reward for s, ok in zip(batch.scores, batch.valid)]
-    return torch.tensor(scores, dtype=torch.float64).view(len(r.queries), r.group_size), batch
+class RolloutRewards(NamedTuple):
+    """R of one step's rollouts after the invalid-query and truncation rules of ``score_rewards``."""
+
+    rewards: torch.Tensor  # (N, G) float64 R
+    keep: torch.Tensor  # (N, G) bool, False: a truncated answer left out of the solver's update (drop)
+    invalid: torch.Tensor  # (N,) bool, queries scored as invalid
+    batch: RewardBatch  # what the reward function returned
+
+
+def score_rewards(reward_fn: RewardFn, r: Rollouts, cfg: LspRewardConfig, on_truncated: str = "keep") -> RolloutRewards:
+    """R as an (N, G) float64 tensor, with the pairs the reward could not judge (``valid=False``, e.g. a
+    user function's None) and truncated rollouts scored by these rules:
+
+    - a query none of whose answers could be judged is invalid: all its answers get
+      ``cfg.invalid_query_reward`` (default 1.0), so the solver learns nothing from it (equal rewards)
+      and the challenger sees its worst case. An unjudgeable answer beside judged ones gets
+      ``cfg.unjudged_answer_reward`` (default 0.0, the lowest reward), never the top one.
+    - ``on_truncated`` (``generation.on_truncated``): ``keep`` scores truncated rollouts like the
+      others; ``penalize`` gives a truncated answer ``cfg.truncated_reward``; ``drop`` leaves it out
+      of the solver's update (``keep`` False: no gradient, and ``lsp_advantages(keep=)`` takes the
+      group baseline over the finished answers). With either, a truncated query is an invalid query,
+      and with drop so is a query left with no finished answer that could be judged.
+    """
+    n, g = len(r.queries), r.group_size
+    batch = reward_fn([q for q in r.queries for _ in range(g)], r.answers)
+    judged = torch.tensor(batch.valid, dtype=torch.bool).view(n, g)
+    finished = torch.tensor(r.answers_finished, dtype=torch.bool).view(n, g)
+    keep = finished if on_truncated == "drop" else torch.ones_like(finished)
+    rewards = torch.tensor(batch.scores, dtype=torch.float64).view(n, g)
+    rewards = torch.where(judged, rewards, cfg.unjudged_answer_reward)
+    if on_truncated == "penalize":
+        rewards = torch.where(finished, rewards, cfg.truncated_reward)
+    invalid = ~(judged & keep).any(dim=1)  # (N,)
+    if on_truncated != "keep":
+        invalid |= ~torch.tensor(r.queries_finished, dtype=torch.bool)
+    rewards[invalid] = cfg.invalid_query_reward
+    return RolloutRewards(rewards, keep, invalid, batch)
 
 
 class Reference:
@@ -147,9 +186,15 @@ class Reference:
     def model(self):
         if self.copy is not None:
             yield self.copy
-        else:
+            return
+        # The policy may be in training mode (the update): π_Ref's no-grad pass runs in eval mode.
+        was_training = self.peft_policy.training
+        self.peft_policy.eval()
+        try:
             with self.peft_policy.disable_adapter():
                 yield self.peft_policy
+        finally:
+            self.peft_policy.train(was_training)
 
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """The weights π_Ref is made of (the base weights under LoRA), for the unchanged-reference check."""
@@ -172,16 +217,19 @@ def judge_generate(reference: Reference, tokenizer, lsp: LspConfig, batch_size: 
 
 def backward_role(
     model, reference: Reference, seqs, advantages: torch.Tensor, *, weight: float, lsp: LspConfig,
-    pad_id: int, batch_size: int, accelerator,
+    pad_id: int, batch_size: int, accelerator, keep: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Accumulate ∇ of weight · Σ_b loss_b (REINFORCE + KL, ``reinforce_loss``) in micro-batches.
+    """Accumulate ∇ of weight · Σ_b keep_b · loss_b (REINFORCE + KL, ``reinforce_loss``) in micro-batches.
 
     ``weight`` is 1/(N·G) for the solver and α_Ch/N for the challenger, so the accumulated gradient
-    is that of ``lsp_loss`` on the whole batch. Returns the role's mean KL, log-prob and loss (L_Sol or
-    L_Ch, without α_Ch). π_Ref's per-token log-probs are taken on the same
+    is that of ``lsp_loss`` on the whole batch; ``keep`` (one bool per sequence, None: all) zeroes the
+    sequences left out of training, under the same normaliser. Returns the role's mean KL, log-prob
+    and loss (L_Sol or L_Ch, without α_Ch). Log-probs are those of softmax(logits / lsp.temperature),
+    the distribution the rollouts were sampled from. π_Ref's per-token log-probs are taken on the same
     padded batch, so at θ = θ_Ref every KL term is exactly zero.
     """
     device = accelerator.device
+    keep = torch.ones(len(seqs), dtype=torch.bool) if keep is None else keep.reshape(-1)
     sums = {"kl": 0.0, "logps": 0.0, "loss": 0.0}
     for start in range(0, len(seqs), batch_size):
         batch = collate(seqs[start : start + batch_size], pad_id)
@@ -189,31 +237,43 @@ def backward_role(
         mask = batch.response_mask[:, 1:]  # (B, T−1)
         with accelerator.autocast():
             with torch.no_grad(), reference.model() as ref:
-                ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                ref_tok = token_logps(ref_logits, batch.input_ids, batch.response_mask)  # (B, T−1)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            tok = token_logps(logits, batch.input_ids, batch.response_mask)  # (B, T−1)
+                ref_tok = _role_token_logps(ref, batch, lsp.temperature)  # (B, T−1)
+            tok = _role_token_logps(model, batch, lsp.temperature)  # (B, T−1)
             out = reinforce_loss(
                 tok.sum(-1), advantages[start : start + batch_size].to(device),
                 kl_coef=lsp.kl_coef, kl_estimator=lsp.kl_estimator,
                 kl_k3_per_seq=kl_k3(tok, ref_tok, mask) if lsp.kl_estimator == "k3" else None,
                 seq_logps_ref=ref_tok.sum(-1),
             )
-            accelerator.backward(out.loss.sum() * weight)
+            kept = keep[start : start + batch_size].to(device, out.loss.dtype)  # (B,)
+            accelerator.backward((out.loss * kept).sum() * weight)
         n = len(out.loss)
         sums["kl"] += out.metrics["kl"].item() * n
         sums["logps"] += out.metrics["logps"].item() * n
-        sums["loss"] += out.loss.detach().sum().item()
+        sums["loss"] += (out.loss.detach() * kept).sum().item()
     return {key: value / len(seqs) for key, value in sums.items()}  # means over the role's sequences
+
+
+def _role_token_logps(model, batch, temperature: float) -> torch.Tensor:  # (B, T−1)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return token_logps(logits, batch.input_ids, batch.response_mask, temperature=temperature)
 
 
 def policy_gradient(
     model, reference: Reference, r: Rollouts, adv, lsp: LspConfig, *, pad_id: int, batch_size: int, accelerator,
+    solver_keep: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Accumulate ∇(L_Sol + α_Ch·L_Ch) of eqs. 4–5; with α_Ch = 0 the challenger term is left out."""
+    """Accumulate ∇(L_Sol + α_Ch·L_Ch) of eqs. 4–5; with α_Ch = 0 the challenger term is left out.
+
+    ``solver_keep`` (N, G) bool, False on the answers that get no gradient (``RolloutRewards.keep``); None: all train.
+    """
+    # The update phase: training mode whatever rollouts or evaluation left (gradient checkpointing
+    # is only active in training mode).
+    model.train()
     n, g = adv.solver.shape
     common = dict(lsp=lsp, pad_id=pad_id, batch_size=batch_size, accelerator=accelerator)
-    sol = backward_role(model, reference, r.solver_sequences(), adv.solver.reshape(-1), weight=1 / (n * g), **common)
+    sol = backward_role(model, reference, r.solver_sequences(), adv.solver.reshape(-1), weight=1 / (n * g),
+                        keep=solver_keep, **common)
     if not lsp.challenger_coef:
         return sol, None
     ch = backward_role(model, reference, r.challenger_sequences(), adv.challenger, weight=lsp.challenger_coef / n, **common)

@@ -57,7 +57,8 @@ def test_lsp_zero_end_to_end_with_the_verifier(tiny_ground, tmp_path):
     from sparring.algorithms.lsp import run
 
     out = tmp_path / "zero"
-    cfg = load_config(CONFIG, overrides(tiny_ground, out, "lsp.reward.invalid_query_reward=1.0"))
+    cfg = load_config(CONFIG, overrides(tiny_ground, out, "lsp.reward.invalid_query_reward=1.0",
+                                        "generation.on_truncated=penalize"))
     rows = run(cfg)
     metrics = lsp_rows(out)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
@@ -66,11 +67,12 @@ def test_lsp_zero_end_to_end_with_the_verifier(tiny_ground, tmp_path):
     for r in metrics:
         assert 0.0 <= r["lsp/invalid_query_frac"] <= 1.0
         for key in ("lsp/reward", "lsp/solver_reward", "lsp/challenger_reward", "lsp/query_length",
-                    "lsp/answer_length", "grad_norm", "lr", "loss"):
+                    "lsp/answer_length", "lsp/answer_truncated_frac", "lsp/query_truncated_frac", "grad_norm",
+                    "lr", "loss"):
             assert key in r
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 4, 4]
-    for s in samples:  # unparseable queries: every answer gets invalid_query_reward
+    for s in samples:  # unparseable (or, with penalize, truncated) queries: every answer gets invalid_query_reward
         if solve(s["query"]) is None:
             assert s["rewards"] == [1.0, 1.0]
     assert [r["step"] for r in rows] == [0, 2, 4] and all("exact_match" in r for r in rows)

@@ -131,3 +131,13 @@ def test_a_field_added_after_the_run_started_does_not_block_resume(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=r"generation.top_k: '\(not set\)' -> 5"):
         run.start(load_config(None, [f"output_dir={tmp_path}", "generation.top_k=5"]))
+
+
+def test_resume_refuses_a_changed_lsp_steps(tmp_path):
+    # lsp.steps is the length of the learning-rate schedule: another value changes every remaining step.
+    base = [f"output_dir={tmp_path}", "lsp.steps=40"]
+    run = RunDir(tmp_path)
+    run.start(load_config("configs/lsp/tiny.yaml", base))
+    assert run.start(load_config("configs/lsp/tiny.yaml", [*base, "lsp.eval_every=5", "train.logprob_batch_size=3"]))
+    with pytest.raises(ConfigError, match=r"lsp\.steps: 40 -> 80"):
+        run.start(load_config("configs/lsp/tiny.yaml", [f"output_dir={tmp_path}", "lsp.steps=80"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from sparring.logprobs import collate, sequence_logps, token_logps
@@ -78,3 +79,22 @@ def test_padding_does_not_change_a_real_model_logps():
     together = sequence_logps(model, collate(pairs, tok.pad_token_id))
     alone = torch.cat([sequence_logps(model, collate([p], tok.pad_token_id)) for p in pairs])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logps_at_a_temperature_are_those_of_the_tempered_softmax():
+    # LSP samples from softmax(logits / T); its REINFORCE and KL terms need the same distribution.
+    model = TableModel()
+    pairs = [([1, 2], [3]), ([4], [5, 1, 2])]
+    batch = collate(pairs, pad_id=0)
+    logits = model(batch.input_ids).logits
+    tempered = token_logps(logits, batch.input_ids, batch.response_mask, temperature=0.5)  # (B, T−1)
+    hand = torch.log_softmax(model.table / 0.5, dim=-1)
+    for b, (p, r) in enumerate(pairs):
+        seq = p + r
+        for t in range(len(p), len(seq)):
+            assert tempered[b, t - 1].item() == pytest.approx(hand[seq[t - 1], seq[t]].item(), rel=1e-6)
+    assert tempered[0, 0] == 0 and tempered[0, 2] == 0  # still zero outside the response
+    torch.testing.assert_close(sequence_logps(model, batch, temperature=0.5), tempered.sum(-1))
+    # T = 1 is the default and changes nothing
+    torch.testing.assert_close(token_logps(logits, batch.input_ids, batch.response_mask, temperature=1.0),
+                               token_logps(logits, batch.input_ids, batch.response_mask), rtol=0, atol=0)

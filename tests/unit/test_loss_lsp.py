@@ -130,6 +130,30 @@ def test_scale_std_hand_computed():
     torch.testing.assert_close(adv10.solver, lsp_advantages(rewards, scale_std=True, eps=0.0).solver)
 
 
+def test_keep_mask_hand_computed():
+    # Answers out of the group (on_truncated=drop) leave its baseline and get a zero advantage:
+    #   R = [[1, 3, 9], [2, 6, 4], [5, 7, 0]], keep = [[T, T, F], [T, T, T], [F, F, F]]
+    #   V = [2, 4, 4] (a group with no kept answer falls back to the mean of all its rewards)
+    #   R_Q = [[1, 1, 7], [0, 0, 0], [2, 2, 2]] → V_Q = [1, 0, 2]
+    #   A_Sol = [[-1, 1, 0], [-2, 2, 0], [0, 0, 0]]; r_Ch = [-1, -4, -2], mean -7/3 → A_Ch = [4/3, -5/3, 1/3]
+    rewards = torch.tensor([[1.0, 3.0, 9.0], [2.0, 6.0, 4.0], [5.0, 7.0, 0.0]], dtype=F64)
+    quality = torch.tensor([[1.0, 1.0, 7.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]], dtype=F64)
+    keep = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    adv = lsp_advantages(rewards, quality, keep=keep)
+    torch.testing.assert_close(adv.query_value, t(2, 4, 4))
+    torch.testing.assert_close(adv.quality_value, t(1, 0, 2))
+    torch.testing.assert_close(adv.solver, torch.tensor([[-1.0, 1.0, 0.0], [-2.0, 2.0, 0.0], [0.0] * 3], dtype=F64))
+    torch.testing.assert_close(adv.challenger, t(4 / 3, -5 / 3, 1 / 3))
+    # an all-True mask is no mask; std scaling stays finite with one kept answer
+    full = lsp_advantages(rewards, quality, keep=torch.ones(3, 3, dtype=torch.bool))
+    torch.testing.assert_close(full.solver, lsp_advantages(rewards, quality).solver)
+    one = torch.tensor([[True, False, False], [True, True, True], [True, True, False]])
+    scaled = lsp_advantages(rewards, keep=one, scale_std=True)
+    assert torch.isfinite(scaled.solver).all() and scaled.solver[0].abs().max() == 0
+    with pytest.raises(ValueError, match="keep must have the shape"):
+        lsp_advantages(rewards, keep=torch.ones(3, 2, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("shape", [(1, 4), (4, 1), (1, 1)])
 def test_degenerate_group_sizes_raise(shape):
     with pytest.raises(ValueError, match="N >= 2 queries and G >= 2"):

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import torch
 
-from sparring.config import ConfigError, LspConfig, load_config
+from sparring.config import ConfigError, LspConfig, LspRewardConfig, load_config
 from sparring.data import encode
 from sparring.losses import lsp_advantages, lsp_loss
 from sparring.lsp_rollouts import (
@@ -21,7 +21,7 @@ from sparring.lsp_rollouts import (
     score_rewards,
     user_turn,
 )
-from sparring.rewards import ProvingGroundVerifier, RewardBatch
+from sparring.rewards import ProvingGroundVerifier, RewardBatch, UserReward
 from sparring.tasks import build_tiny_model, build_tokenizer
 
 TINY = "configs/lsp/tiny.yaml"
@@ -92,9 +92,78 @@ def test_verifier_scores_right_wrong_and_unparseable():
 
 def test_invalid_queries_get_the_configured_reward():
     r = Rollouts([1], [[2], [3]], ["What is 1 + 1?", "gibberish"], [[1], [1]], [[4]] * 4, ["2", "3", "2", "3"], [True] * 4)
-    rewards, batch = score_rewards(ProvingGroundVerifier(), r, invalid_reward=0.25)
-    assert rewards.tolist() == [[1.0, 0.0], [0.25, 0.25]]
-    assert batch.valid == [True, True, False, False]
+    scored = score_rewards(ProvingGroundVerifier(), r, LspRewardConfig(invalid_query_reward=0.25))
+    assert scored.rewards.tolist() == [[1.0, 0.0], [0.25, 0.25]]
+    assert scored.batch.valid == [True, True, False, False] and scored.invalid.tolist() == [False, True]
+
+
+def judge_by_table(query: str, answer: str) -> float | None:
+    """A user reward: None for every answer of the query "bad", and for answers it does not know."""
+    if query == "bad":
+        return None
+    return {"right": 1.0, "half": 0.5, "wrong": 0.0}.get(answer)
+
+
+def test_an_unjudgeable_answer_gets_the_lowest_reward_and_an_all_none_query_is_invalid():
+    r = Rollouts([1], [[2], [3]], ["good", "bad"], [[1], [1]], [[4]] * 6,
+                 ["right", "??", "half", "right", "wrong", "half"], [True] * 6)
+    scored = score_rewards(UserReward(judge_by_table), r, LspRewardConfig(invalid_query_reward=1.0))
+    # "??" was not judged beside judged answers: the lowest reward, never invalid_query_reward (the top)
+    assert scored.rewards.tolist() == [[1.0, 0.0, 0.5], [1.0, 1.0, 1.0]]
+    assert scored.invalid.tolist() == [False, True]  # every answer None: the query is invalid
+    adv = lsp_advantages(scored.rewards)
+    assert adv.solver[0, 1] < 0 < adv.solver[0, 0] and adv.solver[1].abs().max() == 0
+    # the lowest reward is a setting, for user rewards whose range is not [0, 1]
+    low = score_rewards(UserReward(judge_by_table), r, LspRewardConfig(unjudged_answer_reward=-3.0))
+    assert low.rewards[0].tolist() == [1.0, -3.0, 0.5]
+
+
+def truncated_rollouts() -> Rollouts:
+    """Query 0: its 2nd answer truncated; query 1: the query itself truncated; query 2: every answer truncated."""
+    queries = ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"]
+    answers = ["2", "2", "3", "4", "4", "4", "6", "6", "6"]
+    finished = [True, False, True, True, True, True, False, False, False]
+    return Rollouts([1], [[2]] * 3, queries, [[1]] * 3, [[4]] * 9, answers, finished, [True, False, True])
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop", "penalize"])
+def test_truncated_answers_and_queries_follow_on_truncated(mode):
+    cfg = LspRewardConfig(invalid_query_reward=0.25, truncated_reward=-0.5)
+    scored = score_rewards(ProvingGroundVerifier(), truncated_rollouts(), cfg, on_truncated=mode)
+    t, f = True, False
+    expected = {
+        "keep": ([[1, 1, 0], [1, 1, 1], [1, 1, 1]], [[t, t, t]] * 3, [f, f, f]),
+        # a truncated query is an invalid query; a truncated answer gets truncated_reward
+        "penalize": ([[1, -0.5, 0], [0.25] * 3, [-0.5] * 3], [[t, t, t]] * 3, [f, t, f]),
+        # a truncated answer gets no gradient; a query left with no finished answer is invalid
+        "drop": ([[1, 1, 0], [0.25] * 3, [0.25] * 3], [[t, f, t], [t, t, t], [f, f, f]], [f, t, t]),
+    }[mode]
+    assert scored.rewards.tolist() == expected[0]
+    assert scored.keep.tolist() == expected[1]
+    assert scored.invalid.tolist() == expected[2]
+
+
+def test_dropped_answers_leave_the_group_baseline():
+    scored = score_rewards(ProvingGroundVerifier(), truncated_rollouts(), LspRewardConfig(invalid_query_reward=0.25),
+                           on_truncated="drop")
+    adv = lsp_advantages(scored.rewards, keep=scored.keep)
+    # query 0: baseline over its finished answers (1 and 0), the dropped answer's advantage is 0
+    assert adv.solver.tolist() == [[0.5, 0.0, -0.5], [0.0] * 3, [0.0] * 3]
+    assert adv.query_value.tolist() == [0.5, 0.25, 0.25]
+
+
+def test_step_metrics_count_truncated_answers_and_queries():
+    from sparring.algorithms.lsp import step_metrics
+
+    r = truncated_rollouts()
+    scored = score_rewards(ProvingGroundVerifier(), r, LspRewardConfig(), on_truncated="drop")
+    adv = lsp_advantages(scored.rewards, keep=scored.keep)
+    sol = {"kl": 0.0, "logps": -1.0, "loss": 0.0}
+    row = step_metrics(r, scored, adv, None, 0, sol, None)
+    assert row["lsp/answer_truncated_frac"] == pytest.approx(4 / 9)
+    assert row["lsp/query_truncated_frac"] == pytest.approx(1 / 3)
+    assert row["lsp/invalid_query_frac"] == pytest.approx(2 / 3)
+    assert "lsp/answer_clipped_frac" not in row  # one name for one count
 
 
 # ---------------------------------------------------------------- challenger prompt
@@ -189,18 +258,22 @@ def fixed_rollouts(tok, model, queries, g, seed=0) -> Rollouts:
     from sparring.generation import HFGenerator, SamplingParams
 
     outs = HFGenerator(model, tok).generate([p for p in prompts for _ in range(g)], SamplingParams(max_new_tokens=6), 7)
-    eos = tok.eos_token_id
     return Rollouts(sampled.challenger_prompt_ids, sampled.query_ids, list(queries), prompts,
-                    [o.token_ids + ([eos] if o.finished else []) for o in outs], [o.text for o in outs],
-                    [o.finished for o in outs])
+                    [o.token_ids for o in outs], [o.text for o in outs], [o.finished for o in outs])
 
 
-def hand_grpo_gradient(model, ref, prompts, answers, rewards, beta):
-    """GRPO without std scaling, one unpadded sequence at a time: mean_ij[−A_ij·log π(a|q) + β·Σ_t k3_t]."""
+def hand_grpo_gradient(model, ref, prompts, answers, rewards, beta, keep=None):
+    """GRPO without std scaling, one unpadded sequence at a time: mean_ij[−A_ij·log π(a|q) + β·Σ_t k3_t].
+
+    ``keep`` (N, G): answers left out of the baseline and of the sum (the normaliser stays 1/(NG)).
+    """
     n, g = rewards.shape
-    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    keep = torch.ones(n, g, dtype=torch.bool) if keep is None else keep
+    adv = rewards - (rewards * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
     model.zero_grad()
     for k, (p, a) in enumerate(zip(prompts, answers)):
+        if not keep.view(-1)[k]:
+            continue
         ids = torch.tensor([p + a])
         picked = slice(len(p) - 1, len(p) + len(a) - 1)  # logits at t predict token t+1
         logp = torch.log_softmax(model(input_ids=ids).logits[0, picked].double(), -1)
@@ -240,6 +313,85 @@ def test_solver_update_is_grpo_without_std_scaling_when_challenger_off(tok, acce
     policy_gradient(model, Reference(copy=ref), r, adv, small_lsp(num_queries=3, answers_per_query=3, kl_coef=0.3),
                     pad_id=tok.pad_token_id, batch_size=2, accelerator=accelerator)
     assert not torch.allclose(model.model.embed_tokens.weight.grad, ours["model.embed_tokens.weight"], atol=1e-6)
+
+
+def test_dropped_answers_get_no_gradient(tok, accelerator):
+    model, ref = tiny_model(tok, seed=1), tiny_model(tok, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    r = fixed_rollouts(tok, model, ["What is 3 + 4?", "Sort the digits 3 1 2.", "Reverse the word cat."], g=3)
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 3.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    keep = torch.tensor([[True, False, True], [True, True, True], [False, True, True]])
+    lsp = small_lsp(num_queries=3, answers_per_query=3, challenger_coef=0.0, kl_coef=0.3)
+    model.zero_grad()
+    policy_gradient(model, Reference(copy=ref), r, lsp_advantages(rewards, keep=keep), lsp, pad_id=tok.pad_token_id,
+                    batch_size=2, accelerator=accelerator, solver_keep=keep)
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    expected = hand_grpo_gradient(model, ref, [q for q, _ in r.solver_sequences()], r.answer_ids, rewards,
+                                  beta=0.3, keep=keep)
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def hand_token_logps(model, seqs, temperature: float) -> list[torch.Tensor]:
+    """log softmax(logits / T) of each sampled token, one unpadded sequence at a time."""
+    out = []
+    for p, a in seqs:
+        ids = torch.tensor([p + a])
+        picked = slice(len(p) - 1, len(p) + len(a) - 1)  # logits at t predict token t+1
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, picked].double() / temperature, -1)
+        out.append(logp.gather(1, torch.tensor(a).view(-1, 1)).squeeze(1))  # (len(a),)
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_logps_and_kl_are_those_of_the_sampling_temperature(tok, accelerator, temperature):
+    model, ref = tiny_model(tok, seed=4), tiny_model(tok, seed=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lsp = small_lsp(temperature=temperature, kl_coef=0.1)
+    r = sample_rollouts(model, tok, lsp, seed=0, step=1, batch_size=8)
+    adv = lsp_advantages(torch.rand(3, 2, dtype=torch.float64))
+    sol, ch = policy_gradient(model, Reference(copy=ref), r, adv, lsp, pad_id=tok.pad_token_id, batch_size=2,
+                              accelerator=accelerator)
+    with torch.no_grad():
+        for got, seqs in ((sol, r.solver_sequences()), (ch, r.challenger_sequences())):
+            policy = hand_token_logps(model, seqs, temperature)
+            frozen = hand_token_logps(ref, seqs, temperature)
+            k3 = [(torch.exp(b - a) - (b - a) - 1).sum() for a, b in zip(policy, frozen)]
+            assert got["logps"] == pytest.approx(sum(lp.sum().item() for lp in policy) / len(seqs), rel=1e-5)
+            assert got["kl"] == pytest.approx(sum(k.item() for k in k3) / len(seqs), rel=1e-4, abs=1e-8)
+
+
+def test_rollouts_run_in_eval_mode_and_the_update_in_training_mode(tok, accelerator):
+    model = tiny_model(tok).train()
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append((m.training, torch.is_grad_enabled())))
+    r = sample_rollouts(model, tok, small_lsp(), seed=0, step=1, batch_size=8)
+    assert modes and not any(training for training, _ in modes)
+    model.eval()  # as from_pretrained and the held-out evaluation leave it
+    modes.clear()
+    policy_gradient(model, Reference(copy=tiny_model(tok)), r, lsp_advantages(torch.rand(3, 2)), small_lsp(),
+                    pad_id=tok.pad_token_id, batch_size=4, accelerator=accelerator)
+    assert modes == [(True, True)] * 3  # 2 solver and 1 challenger micro-batches, gradient checkpointing live
+
+
+def test_evaluation_leaves_the_policy_in_training_mode(tok, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparring import stages
+    from sparring.algorithms import lsp as lsp_algorithm
+    from sparring.config import RunConfig
+
+    def evaluate_stage(s, label, model=None):  # as the held-out evaluation does
+        model.eval()
+
+    monkeypatch.setattr(stages, "evaluate_stage", evaluate_stage)
+    model = tiny_model(tok).train()
+    lsp_algorithm.evaluate(SimpleNamespace(cfg=RunConfig(), main=True), model, 0)
+    assert model.training
 
 
 def test_micro_batched_gradient_equals_lsp_loss_on_the_whole_batch(tok, accelerator):
@@ -295,6 +447,6 @@ def test_reward_model_kind_scores_rollouts(tok, tmp_path):
     lsp.reward.kind, lsp.reward.reward_model = "reward_model", str(tmp_path / "rm")
     reward_fn = make_reward(lsp, device="cpu", dtype=torch.float32)
     r = sample_rollouts(tiny_model(tok), tok, lsp, seed=0, step=1, batch_size=8)
-    rewards, batch = score_rewards(reward_fn, r, invalid_reward=9.0)
-    assert rewards.shape == (3, 2) and all(batch.valid) and rewards.std() > 0
-    assert isinstance(batch, RewardBatch)
+    scored = score_rewards(reward_fn, r, LspRewardConfig(invalid_query_reward=9.0))
+    assert scored.rewards.shape == (3, 2) and all(scored.batch.valid) and scored.rewards.std() > 0
+    assert isinstance(scored.batch, RewardBatch)

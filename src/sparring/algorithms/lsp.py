@@ -28,6 +28,7 @@ from sparring.config import LspConfig, RunConfig
 from sparring.losses import lsp_advantages
 from sparring.lsp_rollouts import (
     Reference,
+    RolloutRewards,
     Rollouts,
     judge_generate,
     make_reward,
@@ -73,30 +74,30 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
                             batch_size=cfg.generation.batch_size)
 
-        # 3. rewards R (+ R_Q from π_Ref) and advantages
-        rewards, judged = score_rewards(reward_fn, r, lsp.reward.invalid_query_reward)  # (N, G)
+        # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
+        scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
         quality, fallbacks = None, 0
         if judge is not None:
             graded = judge([q for q in r.queries for _ in range(g)], r.answers)
             quality = torch.tensor(graded.scores, dtype=torch.float64).view(n, g)  # (N, G) R_Q
             fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
-        adv = lsp_advantages(rewards, quality, scale_std=lsp.scale_std)
+        adv = lsp_advantages(scored.rewards, quality, scale_std=lsp.scale_std, keep=scored.keep)
 
         # 4–5. L_Sol + α_Ch·L_Ch, accumulated in micro-batches, then one optimizer step
         sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
-                                  batch_size=cfg.train.batch_size, accelerator=acc)
+                                  batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        row = step_metrics(r, rewards, judged, adv, quality, fallbacks, sol, ch)
+        row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch)
         row.update({"grad_norm": float(grad_norm), "lr": lr, "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
         if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps):
             s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
         if s.main and step % lsp.sample_every == 0:
-            samples += sample_rows(step, r, rewards, quality, adv)
+            samples += sample_rows(step, r, scored.rewards, quality, adv)
             write_jsonl(samples_path, samples)  # rewritten whole, so a resume never duplicates rows
         if step % lsp.save_every == 0 and step < lsp.steps:
             save_checkpoint(acc, scheduler, checkpoints, step)
@@ -133,10 +134,11 @@ def build_policy_and_reference(cfg: RunConfig, device):
     return model, Reference(peft_policy=model)
 
 
-def step_metrics(r: Rollouts, rewards, judged, adv, quality, fallbacks, sol: dict, ch: dict | None) -> dict[str, float]:
+def step_metrics(r: Rollouts, scored: RolloutRewards, adv, quality, fallbacks, sol: dict, ch: dict | None) -> dict[str, float]:
     """TRL-like names with the lsp/ prefix (reward = the task reward R, before R_Q and KL)."""
+    rewards = scored.rewards
     n, g = rewards.shape
-    invalid = ~torch.tensor(judged.valid).view(n, g)
+    unjudged = ~torch.tensor(scored.batch.valid).view(n, g) & ~scored.invalid[:, None]  # (N, G)
     row = {
         "lsp/reward": rewards.mean().item(),
         "lsp/reward_std": rewards.std().item(),
@@ -144,10 +146,12 @@ def step_metrics(r: Rollouts, rewards, judged, adv, quality, fallbacks, sol: dic
         "lsp/challenger_reward": adv.challenger_reward.mean().item(),
         "lsp/solver_advantage_abs": adv.solver.abs().mean().item(),
         "lsp/challenger_advantage_abs": adv.challenger.abs().mean().item(),
-        "lsp/invalid_query_frac": invalid.any(dim=1).float().mean().item(),
+        "lsp/invalid_query_frac": scored.invalid.float().mean().item(),
+        "lsp/unjudged_answer_frac": unjudged.float().mean().item(),
         "lsp/query_length": sum(map(len, r.query_ids)) / n,
         "lsp/answer_length": sum(map(len, r.answer_ids)) / (n * g),
-        "lsp/answer_clipped_frac": 1.0 - sum(r.answers_finished) / (n * g),
+        "lsp/query_truncated_frac": 1.0 - sum(r.queries_finished) / n,
+        "lsp/answer_truncated_frac": 1.0 - sum(r.answers_finished) / (n * g),
         "lsp/kl_solver": sol["kl"],
         "lsp/solver_logps": sol["logps"],
         "lsp/solver_loss": sol["loss"],
@@ -178,7 +182,9 @@ def evaluate(s: stages.Session, model, step: int) -> None:
     lsp: LspConfig = s.cfg.lsp
     if step % lsp.eval_every and step != lsp.steps:
         return
+    was_training = model.training
     scores = stages.evaluate_stage(s, f"step{step}", model=model)
+    model.train(was_training)  # evaluation leaves the model in eval mode; the live policy goes on training
     if scores and s.main and "exact_match" in scores:
         print(f"step {step}: held-out exact match {scores['exact_match']:.3f}", flush=True)
 

@@ -13,7 +13,8 @@ Rewards and advantages (eqs. 2–3, §3):
     A_Sol(q_i, a_i^j) = r_Sol(q_i, a_i^j) − (1/G) Σ_j' r_Sol(q_i, a_i^j')   (group baseline)
     A_Ch(q_i)         = r_Ch(q_i) − (1/N) Σ_k r_Ch(q_k)                      (batch baseline)
 
-For LSP-Zero A_Ch(q_i) = V̄ − V(q_i) (eq. 3). R_Q ∈ {0..7} is the frozen reference model's self-reward
+For LSP-Zero A_Ch(q_i) = V̄ − V(q_i) (eq. 3). Answers left out of training (``keep``, truncated answers
+under ``generation.on_truncated=drop``) get A_Sol = 0 and leave the group means Σ_j' and V. R_Q ∈ {0..7} is the frozen reference model's self-reward
 (see ``sparring.rewards.self_judge``). The paper uses no standard-deviation scaling; ``scale_std``
 exists only for experiments and is off by default.
 
@@ -69,17 +70,34 @@ def _as_float(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _group_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:  # (N, G) -> (N, 1)
+    if weight is None:
+        return x.mean(dim=1, keepdim=True)
+    return (x * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def _group_std(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:  # (N, G) -> (N, 1), unbiased
+    if weight is None:
+        return x.std(dim=1, keepdim=True)
+    var = (weight * (x - _group_mean(x, weight)) ** 2).sum(dim=1, keepdim=True)
+    return (var / (weight.sum(dim=1, keepdim=True) - 1).clamp(min=1)).sqrt()
+
+
 def lsp_advantages(
     rewards: torch.Tensor,  # (N, G) R(q_i, a_i^j)
     quality: torch.Tensor | None = None,  # (N, G) R_Q(q_i, a_i^j), self-reward (LSP); None → LSP-Zero
     *,
     scale_std: bool = False,
     eps: float = 1e-6,
+    keep: torch.Tensor | None = None,  # (N, G) bool, False: the answer is out of its group; None: all in
 ) -> LSPAdvantages:
     """Group-relative Solver and batch-relative Challenger advantages (eqs. 2–3; LSP variant in §3).
 
     ``scale_std=True`` divides A_Sol by the unbiased per-query std of r_Sol (+eps) and A_Ch by the
     unbiased batch std of r_Ch (+eps), as GRPO/TRL do; the paper does not, so it is off by default.
+    ``keep`` leaves answers out (truncated answers under ``generation.on_truncated=drop``): the group
+    baseline, std, V and V_Q are taken over the kept answers and a left-out answer's A_Sol is 0. A query
+    with no kept answer takes V and V_Q over all its answers (the caller gives them one reward).
     Raises ValueError when N < 2 or G < 2 (the advantages would be identically zero, spec B.11.6),
     on shape mismatch, or on non-finite rewards. Integer rewards are cast to the default float dtype.
     """
@@ -92,7 +110,13 @@ def lsp_advantages(
             "Solver advantages and with N = 1 the Challenger advantages are identically zero"
         )
     rewards = _as_float("rewards", rewards)
-    query_value = rewards.mean(dim=1)  # (N,)
+    weight = None  # (N, G) 1 on the answers each group's statistics are taken over
+    if keep is not None:
+        if keep.shape != rewards.shape:
+            raise ValueError(f"keep must have the shape of rewards {tuple(rewards.shape)}, got {tuple(keep.shape)}")
+        keep = keep.to(torch.bool)
+        weight = torch.where(keep.any(dim=1, keepdim=True), keep, torch.ones_like(keep)).to(rewards.dtype)
+    query_value = _group_mean(rewards, weight).squeeze(1)  # (N,)
     quality_value = None
     solver_reward = rewards  # (N, G)
     challenger_reward = -query_value  # (N,)
@@ -102,14 +126,16 @@ def lsp_advantages(
                 f"quality must have the shape of rewards {tuple(rewards.shape)}, got {tuple(quality.shape)}"
             )
         quality = _as_float("quality", quality).to(rewards.dtype)
-        quality_value = quality.mean(dim=1)  # (N,)
+        quality_value = _group_mean(quality, weight).squeeze(1)  # (N,)
         solver_reward = rewards + quality
         challenger_reward = -query_value + quality_value
-    solver = solver_reward - solver_reward.mean(dim=1, keepdim=True)  # (N, G)
+    solver = solver_reward - _group_mean(solver_reward, weight)  # (N, G)
     challenger = challenger_reward - challenger_reward.mean()  # (N,)
     if scale_std:
-        solver = solver / (solver_reward.std(dim=1, keepdim=True) + eps)
+        solver = solver / (_group_std(solver_reward, weight) + eps)
         challenger = challenger / (challenger_reward.std() + eps)
+    if keep is not None:
+        solver = solver * keep.to(solver.dtype)  # left-out answers: no advantage
     return LSPAdvantages(solver, challenger, query_value, quality_value, solver_reward, challenger_reward)
 
 

@@ -1,9 +1,14 @@
 """User-supplied reward functions named by an import spec, ``"package.module:function"``.
 
 The function takes one pair and returns a number: ``fn(query: str, answer: str) -> float | None``.
-``None`` means "could not judge this pair" (e.g. the query does not parse) and becomes
-``valid=False`` with score 0.0; any other non-number, and any non-finite number, is an error that
-names the offending pair.
+``None`` means "could not judge this pair" and becomes ``valid=False`` with score 0.0; any other
+non-number, and any non-finite number, is an error that names the offending pair.
+
+What LSP makes of None (``lsp_rollouts.score_rewards``): None for every answer of a query says the
+query is invalid (e.g. it does not parse), and all its answers get ``lsp.reward.invalid_query_reward``
+(the challenger's worst case; the solver learns nothing from equal rewards). None for some answers of
+a query whose other answers were judged says those answers are unjudgeable: they get
+``lsp.reward.unjudged_answer_reward`` (default 0.0, the lowest reward), never the top one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A program verifier for the built-in proving ground: R(q, a) = 1 for the exact answer, else 0.
 
 LSP's challenger writes its own queries, so some will not be proving-ground tasks at all. Those pairs
-come back ``valid=False`` with the placeholder score 0.0; the LSP loop replaces them with
-``lsp.reward.invalid_query_reward`` and counts them (``lsp/invalid_query_frac``).
+come back ``valid=False`` with the placeholder score 0.0, for every answer of the query; the LSP loop
+gives them ``lsp.reward.invalid_query_reward`` and counts the query (``lsp/invalid_query_frac``).
 """
 
 from __future__ import annotations
