@@ -52,10 +52,38 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class ChunkStore:
-    """Rows written batch by batch as numbered chunk files, so a crash loses at most one batch."""
+    """Rows written batch by batch as numbered chunk files, so a crash loses at most one batch.
+
+    Chunk k is batch k of one layout (batch size, items). ``claim`` records the layout in
+    manifest.json and discards chunks of another one, so a resume with another batch size
+    recomputes instead of reading batches of two sizes side by side.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def claim(self, layout: dict[str, Any]) -> bool:
+        """Keep the chunks if they were written for ``layout``, else delete them (one printed line).
+
+        Returns True when chunks were discarded; chunks without a manifest have an unknown layout and
+        are discarded too. Call it on one process, before any process reads or writes a chunk.
+        """
+        old = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        if old == layout:
+            return False
+        chunks = sorted(self.folder.glob("chunk-*.jsonl")) if self.folder.exists() else []
+        if chunks:
+            changed = [k for k in sorted(set(layout) | set(old or {})) if (old or {}).get(k) != layout.get(k)]
+            why = f"{', '.join(changed)} changed" if old is not None else "no layout manifest"
+            print(f"{self.folder}: discarding {len(chunks)} chunks ({why}), recomputing them", flush=True)
+            for chunk in chunks:
+                chunk.unlink()
+        atomic_write_json(self.manifest_path, layout)  # after the deletions: a kill leaves a consistent store
+        return bool(chunks)
 
     def path(self, index: int) -> Path:
         return self.folder / f"chunk-{index:06d}.jsonl"

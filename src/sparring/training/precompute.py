@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from pathlib import Path
 
 import torch
@@ -26,6 +28,8 @@ def score_sequences(
     """L(z) for every (prompt ids, response ids), in order; batches written as chunks (resumable).
 
     ``average`` scores the per-token mean instead of the sum (``sequence_logps(average=True)``).
+    Chunks of another layout (``train.logprob_batch_size`` changed on resume, other items) are
+    recomputed, never mixed in (``ChunkStore.claim``).
     """
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]) + len(items[i][1]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -33,6 +37,10 @@ def score_sequences(
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     main = accelerator is None or accelerator.is_main_process
+    if main:
+        store.claim({"batch_size": batch_size, "count": len(items), "average": average, "items": digest(items)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # no rank looks at a chunk before the main one has claimed the store
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -46,3 +54,11 @@ def score_sequences(
         accelerator.wait_for_everyone()
     by_index = {r["index"]: r["logp"] for r in store.read_all(len(batches))}
     return [by_index[i] for i in range(len(items))]
+
+
+def digest(items: list[tuple[list[int], list[int]]]) -> str:
+    """sha256 of the (prompt ids, response ids) pairs, in order: which sequences a chunk layout holds."""
+    h = hashlib.sha256()
+    for prompt, response in items:  # the lengths first, so the boundaries are part of the hash
+        h.update(array("q", [len(prompt), len(response), *prompt, *response]).tobytes())
+    return h.hexdigest()
