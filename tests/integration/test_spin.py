@@ -172,3 +172,5 @@ def test_y_prime_trains_on_the_sampled_ids_and_a_truncated_one_gets_no_end_of_tu
         assert (ids[-1] == eos) == r["finished"] and eos not in ids[:-1]  # no end of turn it did not sample
         assert (ids in by_ids) == (r["finished"] or policy == "keep")
     assert len(seen[0]) == (len(samples) if policy == "keep" else len(samples) - sum(truncated))
+    same = sum(r.generated_ids == r.real_ids for r in seen[0])  # zero-gradient pairs, counted
+    assert state["stages"]["iter0"]["pairs_generated_equals_real"] == same

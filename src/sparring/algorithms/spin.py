@@ -132,7 +132,10 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.finish_iteration(s, t, result, {"pairs": len(records)})
+        # y′ = y pairs carry no gradient (their margin terms cancel): how much of the data is inert.
+        same = sum(r.generated_ids == r.real_ids for r in records)
+        stages.finish_iteration(s, t, result, {"pairs": len(records), "pairs_generated_equals_real": same,
+                                              "pairs_generated_equals_real_frac": same / len(records)})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
         stages.release(s)
     return stages.write_report(s, cfg.spin.iterations)
