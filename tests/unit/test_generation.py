@@ -70,6 +70,22 @@ def test_generation_stage_keeps_prompt_order_and_skips_finished_batches(setup, t
     assert again.batches == 1 and rows2 == rows  # only the lost batch is redone, with the same samples
 
 
+def test_generation_chunks_of_another_layout_are_recomputed_never_mixed_in(setup, tmp_path):
+    """A resume with another batch size or other settings (``--force``) must not reuse old chunks."""
+    tok, model, prompts = setup
+    prompts = prompts * 3
+    params = SamplingParams(max_new_tokens=6)
+    generate_responses(HFGenerator(model, tok), prompts, params, folder=tmp_path / "a", seed=5, batch_size=4)
+    (tmp_path / "a" / "chunk-000002.jsonl").unlink()
+    again = Counting(HFGenerator(model, tok))
+    mixed = generate_responses(again, prompts, params, folder=tmp_path / "a", seed=5, batch_size=3)
+    fresh = generate_responses(HFGenerator(model, tok), prompts, params, folder=tmp_path / "b", seed=5, batch_size=3)
+    assert again.batches == 3 and mixed == fresh
+    other = generate_responses(HFGenerator(model, tok), prompts, SamplingParams(max_new_tokens=2),
+                               folder=tmp_path / "a", seed=5, batch_size=3)
+    assert all(len(r["token_ids"]) <= 2 for r in other)
+
+
 def test_batch_seed_depends_on_every_part():
     assert batch_seed(42, "generated", 0, 3) == batch_seed(42, "generated", 0, 3)
     seeds = {batch_seed(42, "generated", 0, 3), batch_seed(42, "generated", 1, 3),

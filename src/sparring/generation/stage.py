@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from sparring.generation.base import Generator, SamplingParams, batch_seed
 from sparring.progress import progress
 from sparring.state import ChunkStore
+from sparring.training.precompute import digest
 
 
 def generate_responses(
@@ -29,10 +32,16 @@ def generate_responses(
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     store = ChunkStore(folder)
+    main = accelerator is None or accelerator.is_main_process
+    if main:  # chunks drawn with other prompts, batches or settings are recomputed, never mixed in
+        layout = {"batch_size": batch_size, "count": len(prompts), "prompts": digest([(p, []) for p in prompts]),
+                  "params": dataclasses.asdict(params), "seed": seed}
+        store.claim(json.loads(json.dumps(layout)))  # as read back from the manifest (tuples → lists)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     mine = [k for k in range(len(batches)) if k % world == rank and not store.has(k)]
-    main = accelerator is None or accelerator.is_main_process
     for k in progress(mine, desc=desc, enabled=main and bool(mine), unit="batch"):
         idx = batches[k]
         completions = generator.generate([prompts[i] for i in idx], params, batch_seed(seed, k))
