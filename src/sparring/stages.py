@@ -180,23 +180,25 @@ def save_model(s: Session, model, t: int) -> None:
 
 
 def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:
-    """Held-out evaluation of a model, once: cached in RUN/eval/{label}.json and logged."""
+    """Held-out evaluation of a model, once: cached in RUN/eval/{label}.json and logged.
+
+    Every process evaluates a share (a ZeRO-3 / FSDP model needs all of them in each forward); the
+    main one writes the scores."""
     out = s.run_dir.root / "eval" / f"{label}.json"
     if out.exists():
         return json.loads(out.read_text())
     if not s.cfg.eval.source:
         return None
-    scores = None
-    if s.main:  # small held-out sets: evaluated by the main process only
-        own = model is None
-        model = load_model(s.cfg.model, path, device=s.accelerator.device) if own else s.accelerator.unwrap_model(model)
-        data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
-        scores = {"label": label, **evaluate(model, s.tokenizer, data, s.cfg.eval)}
+    own = model is None
+    model = load_model(s.cfg.model, path, device=s.accelerator.device) if own else s.accelerator.unwrap_model(model)
+    data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
+    scores = {"label": label, **evaluate(model, s.tokenizer, data, s.cfg.eval, accelerator=s.accelerator)}
+    if s.main:
         atomic_write_json(out, scores)
         s.logger.log({"kind": "eval", **scores})
-        if own:
-            del model
-            release()
+    if own:
+        del model
+        release()
     s.accelerator.wait_for_everyone()
     return json.loads(out.read_text())
 

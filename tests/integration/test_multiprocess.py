@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tests.conftest import REPO, tiny_overrides
@@ -18,9 +20,10 @@ from sparring.cli import main
 pytestmark = pytest.mark.slow
 CONFIG = str(REPO / "configs" / "spin" / "tiny.yaml")
 # 25 pairs in micro-batches of 2 × 4, two per step: 2 optimizer steps with a checkpoint after the
-# first, and a last micro-batch of one pair, which leaves process 1 without an example.
+# first, and a last micro-batch of one pair, which leaves process 1 without an example. 18 held-out
+# examples in batches of 4: process 0 evaluates 3 batches, process 1 two and a stand-in.
 SMALL = ["spin.iterations=1", "data.num_prompts=25", "train.grad_accum=2", "train.save_steps=1",
-         "generation.batch_size=8", "train.logprob_batch_size=8", "eval.num_examples=16"]
+         "generation.batch_size=8", "train.logprob_batch_size=8", "eval.num_examples=18", "eval.batch_size=4"]
 
 
 def torchrun(args: list[str], processes: int) -> subprocess.CompletedProcess:
@@ -66,3 +69,53 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(two_process_r
     for two, one in zip(*train):
         assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
         assert two["rewards/margins"] == pytest.approx(one["rewards/margins"], abs=1e-6)
+
+
+def test_held_out_evaluation_is_shared_by_both_processes_with_one_process_scores(two_process_run, one_process_run):
+    out, proc = two_process_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # θ0 is the same model and the evaluation greedy: identical scores, to the last bit.
+    initial = [json.loads((run / "eval" / "initial.json").read_text()) for run in (out, one_process_run)]
+    assert initial[0] == initial[1]
+    # θ1 agrees to float noise (the two runs' weights differ by reduction order only).
+    after = [json.loads((run / "eval" / "iter0.json").read_text()) for run in (out, one_process_run)]
+    assert after[0]["exact_match"] == after[1]["exact_match"]
+    assert after[0]["logps_real_per_token"] == pytest.approx(after[1]["logps_real_per_token"], abs=1e-5)
+    assert [r["label"] for r in rows(out / "metrics.jsonl") if r["kind"] == "eval"] == ["initial", "iter0"]
+
+
+def test_evaluation_shares_out_every_batch_once_and_every_process_gets_the_scores(tiny_ground, monkeypatch):
+    """Two ranks as two threads, all_gather_object as a barrier: the shares and the scores."""
+    import accelerate.utils
+
+    from sparring.config import EvalConfig, ModelConfig
+    from sparring.evaluation import evaluate, load_eval_set
+    from sparring.modeling import load_model, load_tokenizer
+
+    cfg = EvalConfig(source=tiny_ground["eval"], num_examples=18, batch_size=4, max_new_tokens=8)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=tiny_ground["model"]))
+    data = load_eval_set(cfg, tokenizer, 96)
+    models = [load_model(ModelConfig(name_or_path=tiny_ground["model"])) for _ in range(3)]
+    barrier, shares, scores = threading.Barrier(2, timeout=120), [None, None], [None, None]
+    rank_of: dict[int, int] = {}
+
+    def gather(rows):
+        shares[rank_of[threading.get_ident()]] = rows
+        barrier.wait()
+        return shares[0] + shares[1]
+
+    def run(rank):
+        rank_of[threading.get_ident()] = rank
+        scores[rank] = evaluate(models[rank], tokenizer, data, cfg, SimpleNamespace(process_index=rank, num_processes=2))
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert scores[0] == scores[1] == evaluate(models[2], tokenizer, data, cfg)
+    answered = [{r["index"] for r in share if "correct" in r} for share in shares]
+    assert not answered[0] & answered[1] and answered[0] | answered[1] == set(range(18))
+    scored = [sorted(r["batch"] for r in share if "logp" in r) for share in shares]
+    assert scored == [[0, 2, 4], [1, 3]]  # 5 batches of ≤ 4; process 1 also ran a stand-in, dropped

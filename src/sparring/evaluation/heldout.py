@@ -1,4 +1,4 @@
-"""Held-out evaluation of one model.
+"""Held-out evaluation of one model, by every process of a run (each takes a share of the batches).
 
 - ``exact_match``: greedy answers checked by the proving ground's program (``eval.verifier``);
 - ``logps_real_per_token``: mean per-token log-prob of the held-out real responses (any data).
@@ -33,32 +33,63 @@ def load_eval_set(cfg: EvalConfig, tokenizer, max_length: int) -> EvalSet | None
     return EvalSet(examples, [p for p, _ in encoded], [r for _, r in encoded])
 
 
-@torch.inference_mode()
-def evaluate(model, tokenizer, data: EvalSet, cfg: EvalConfig) -> dict[str, float]:
-    from sparring.tasks import check
+def shard(batches: list[list[int]], rank: int, world: int) -> list[tuple[int | None, list[int]]]:
+    """(k, batch) for the batches k ≡ rank (mod world), then stand-ins (k None, results dropped) until
+    every process has as many: under ZeRO-3 / FSDP each forward gathers weights from all of them."""
+    mine: list[tuple[int | None, list[int]]] = [(k, b) for k, b in enumerate(batches) if k % world == rank]
+    rounds = -(-len(batches) // world)
+    return mine + [(None, batches[0])] * (rounds - len(mine))
 
+
+def batches_of(order: list[int], size: int) -> list[list[int]]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, data: EvalSet, cfg: EvalConfig, accelerator=None) -> dict[str, float]:
+    """Scores of ``model``; with an ``accelerator`` every process takes a share of the batches and
+    all return the same scores. Batches are cut as in one process, so the numbers do not depend on
+    the number of processes."""
     model.eval()
-    device = next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    n = len(data.examples)
+    rows = exact_matches(model, tokenizer, data, cfg, rank, world) if cfg.verifier == "proving_ground" else []
+    rows += real_logps(model, tokenizer, data, cfg, rank, world)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    logps = sorted((r for r in rows if "logp" in r), key=lambda r: r["batch"])
     results: dict[str, float] = {}
     if cfg.verifier == "proving_ground":
-        generator = HFGenerator(model, tokenizer)
-        correct = 0
-        order = sorted(range(len(data.examples)), key=lambda i: len(data.prompt_ids[i]))
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            outs = generator.generate(
-                [data.prompt_ids[i] for i in idx], SamplingParams.greedy(cfg.max_new_tokens), seed=0
-            )
-            for i, out in zip(idx, outs):
-                query = data.examples[i].prompt[-1]["content"]
-                correct += bool(check(query, out.text))
-        results["exact_match"] = correct / max(len(data.examples), 1)
-    total, tokens = 0.0, 0
-    for start in range(0, len(data.examples), cfg.batch_size):
-        pairs = list(zip(data.prompt_ids[start : start + cfg.batch_size], data.response_ids[start : start + cfg.batch_size]))
-        batch = collate(pairs, tokenizer.pad_token_id)
-        batch = type(batch)(*(t.to(device) for t in batch))
-        total += sequence_logps(model, batch).sum().item()
-        tokens += sum(len(r) for _, r in pairs)
-    results["logps_real_per_token"] = total / max(tokens, 1)
+        results["exact_match"] = sum(r["correct"] for r in rows if "correct" in r) / max(n, 1)
+    # Summed in batch order, as one process would: the same float whatever the world size.
+    results["logps_real_per_token"] = sum(r["logp"] for r in logps) / max(sum(r["tokens"] for r in logps), 1)
     return results
+
+
+def exact_matches(model, tokenizer, data: EvalSet, cfg: EvalConfig, rank: int, world: int) -> list[dict]:
+    """{"index", "correct"} per example of this process's share: greedy answers, length-sorted batches."""
+    from sparring.tasks import check
+
+    generator = HFGenerator(model, tokenizer)
+    order = sorted(range(len(data.examples)), key=lambda i: len(data.prompt_ids[i]))
+    rows = []
+    for k, idx in shard(batches_of(order, cfg.batch_size), rank, world):
+        outs = generator.generate([data.prompt_ids[i] for i in idx], SamplingParams.greedy(cfg.max_new_tokens), seed=0)
+        if k is not None:
+            rows += [{"index": i, "correct": bool(check(data.examples[i].prompt[-1]["content"], out.text))}
+                     for i, out in zip(idx, outs)]
+    return rows
+
+
+def real_logps(model, tokenizer, data: EvalSet, cfg: EvalConfig, rank: int, world: int) -> list[dict]:
+    """{"batch", "logp", "tokens"} per batch of this process's share: summed log-probs of the real responses."""
+    device = next(model.parameters()).device
+    rows = []
+    for k, idx in shard(batches_of(list(range(len(data.examples))), cfg.batch_size), rank, world):
+        batch = collate([(data.prompt_ids[i], data.response_ids[i]) for i in idx], tokenizer.pad_token_id)
+        total = sequence_logps(model, type(batch)(*(t.to(device) for t in batch))).sum().item()
+        if k is not None:
+            rows.append({"batch": k, "logp": total, "tokens": sum(len(data.response_ids[i]) for i in idx)})
+    return rows
