@@ -22,10 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run_dir")
     report = sub.add_parser("report", help="rewrite a run's results table and plot")
     report.add_argument("run_dir")
+    experiment = sub.add_parser("experiment", help="run a proving-ground experiment (configs/experiments/)")
+    experiment.add_argument("config")
+    experiment.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
     from sparring.config import ConfigError, load_config
     from sparring.data import DataError
+    from sparring.state import RunLock, RunLocked
 
     try:
         if args.command in ("run", "sft"):
@@ -38,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from sparring import algorithms
 
-            algorithms.get(cfg.method)(cfg, force=args.force)
+            try:
+                algorithms.get(cfg.method)(cfg, force=args.force)
+            finally:
+                RunLock.release_all()  # the run is over: a later run in this process finds the folder free
             return 0
         if args.command == "status":
             state = json.loads((Path(args.run_dir) / "state.json").read_text())
@@ -48,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(Path(args.run_dir))
-    except (ConfigError, DataError, FileNotFoundError) as err:
+        if args.command == "experiment":
+            from sparring.experiments import plateau
+
+            cfg = plateau.load(args.config, args.overrides)
+            plateau.run(cfg, command=" ".join(["sparring experiment", args.config, *args.overrides]))
+            return 0
+    except (ConfigError, DataError, FileNotFoundError, RunLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

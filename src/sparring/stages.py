@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from sparring.config import RunConfig
+from sparring.config import ConfigError, RunConfig
 from sparring.data.dataset import TrainingSet, load_training_set
 from sparring.evaluation import evaluate, load_eval_set
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
 from sparring.modeling import ensure_base_model, load_model, load_tokenizer, make_accelerator
-from sparring.state import RunDir, atomic_write_json, read_jsonl, write_jsonl
+from sparring.state import RunDir, RunLocked, atomic_write_json, read_jsonl, write_jsonl
 from sparring.training import MetricsLogger
 
 
@@ -40,13 +40,24 @@ class Session:
 
 
 def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True) -> Session:
+    """Hold the run directory (main process), create or reopen the run, load tokenizer and data."""
+    from accelerate.utils import broadcast_object_list
+
     accelerator = make_accelerator(cfg)
     run_dir = RunDir(cfg.output_dir)
+    refused = None
     if accelerator.is_main_process:
-        ensure_base_model(cfg)
-        resumed = run_dir.start(cfg, force=force)
-        print(f"{'resuming' if resumed else 'starting'} {cfg.method} run in {run_dir.root}")
-    accelerator.wait_for_everyone()
+        try:
+            run_dir.lock()  # before anything is written: the lock stays held until the process ends
+            ensure_base_model(cfg)
+            resumed = run_dir.start(cfg, force=force)
+            print(f"{'resuming' if resumed else 'starting'} {cfg.method} run in {run_dir.root}")
+        except (RunLocked, ConfigError) as err:
+            refused = err
+    # Every process raises the main one's refusal, instead of waiting for it at the next barrier.
+    refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise refused
     tokenizer = load_tokenizer(cfg.model)
     data = load_training_set(cfg.data, tokenizer) if load_data else None
     if data is not None and data.report.skipped and accelerator.is_main_process:

@@ -7,6 +7,7 @@
       tb/                  TensorBoard events
       iter_000/            one folder per iteration: generated chunks, records, train state, model/
       plot.png, results.md
+      .lock                held (flock) by the live run: {host, pid, started}
 
 Every stage is idempotent: it is skipped when state.json marks it done, and its outputs are written
 to a temporary name and renamed into place, so a kill leaves either the old file or the new one.
@@ -14,8 +15,11 @@ to a temporary name and renamed into place, so a kill leaves either the old file
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -110,9 +114,74 @@ def changed_settings(old: dict[str, Any], current: dict[str, Any]) -> list[str]:
     )
 
 
+class RunLocked(RuntimeError):
+    """The run directory is held by another live run."""
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock, held for the life of the run; the file says who holds it.
+
+    The kernel releases a flock when its holder dies, however it dies, so a lock left by a killed
+    run never blocks the rerun. Within one process a new run supersedes the earlier one's lock (one
+    process runs one run at a time: this is the earlier run, ended or failed).
+    """
+
+    _held: dict[Path, RunLock] = {}  # this process's locks, by resolved run directory
+
+    def __init__(self, root: Path):
+        self.path = root / ".lock"
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        key = self.path.parent.resolve()
+        if key in RunLock._held:
+            RunLock._held[key].release()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # never truncate before holding it: the holder's details are in it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            body = f.read()
+            f.close()
+            raise RunLocked(f"{self.path.parent} is in use by another run ({_describe_holder(body)}); "
+                            "wait for it to end or stop it, or use another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}) + "\n")
+        f.flush()
+        self._file = f
+        RunLock._held[key] = self
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the last descriptor drops the flock
+            self._file = None
+        RunLock._held = {k: v for k, v in RunLock._held.items() if v is not self}
+
+    @classmethod
+    def release_all(cls) -> None:
+        for lock in list(cls._held.values()):
+            lock.release()
+
+
+def _describe_holder(body: str) -> str:
+    try:
+        holder = json.loads(body)
+        return f"host {holder['host']}, PID {holder['pid']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):  # the holder has not written its details yet
+        return "holder details not written yet"
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def lock(self) -> RunLock:
+        """Hold the run directory for this run, or raise RunLocked naming the live run that holds it."""
+        return RunLock(self.root).acquire()
 
     @property
     def state_path(self) -> Path:

@@ -131,7 +131,10 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         )
 
         # 5. save θ_{t+1}, evaluate, mark done
-        stages.finish_iteration(s, t, result, {"triplets": len(records), "history_weight": beta})
+        same = sum(r.generated_ids == r.real_ids for r in records)  # y′ = y: the first margin carries no gradient
+        stages.finish_iteration(s, t, result, {"triplets": len(records), "history_weight": beta,
+                                              "pairs_generated_equals_real": same,
+                                              "pairs_generated_equals_real_frac": same / len(records)})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
         stages.release(s)  # then free accelerate's references, collect, empty the cache
     return stages.write_report(s, cfg.tspin.iterations)

@@ -33,6 +33,53 @@ def write_data(cfg: SftConfig) -> tuple[Path, Path]:
     return train_path, eval_path
 
 
+def sft_steps(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
+              batch_size: int, seed: int, evaluate=None, eval_every: int = 0, patience: int = 0) -> list[dict]:
+    """Masked next-token loss on the responses, AdamW with warm-up and cosine decay over ``steps``.
+
+    With ``evaluate(model) -> float`` every ``eval_every`` steps, training stops once ``patience``
+    evaluations in a row did not beat the best, and the best weights are put back (early stopping on
+    a validation split). Returns the evaluation history [{"step", "score"}].
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    history, best, best_state, waited = [], -math.inf, None, 0
+    model.train()
+    bar = progress(range(steps), desc="sft", unit="step")
+    for step in bar:
+        batch = collate(rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        per_token = token_logps(logits, batch.input_ids, batch.response_mask)
+        loss = -per_token.sum() / batch.response_mask[:, 1:].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            score = evaluate(model)
+            model.train()
+            history.append({"step": step + 1, "score": score, "loss": loss.item()})
+            if score > best:
+                best, waited = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                waited += 1
+                if patience and waited >= patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
 def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) -> Path:
     """Data + tiny model trained with masked next-token loss on the responses; returns the model dir."""
     model_dir = Path(model_dir or Path(cfg.output_dir) / "sft")
@@ -46,28 +93,8 @@ def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) ->
     if cfg.challenger_prompt:  # challenger rows: the prompt in, one of the training queries out
         challenger = [{"role": "user", "content": cfg.challenger_prompt}]
         encoded += [encode(tokenizer, challenger, e.prompt[-1]["content"]) for e in examples]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)),
-    )
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model.train()
     start = time.time()
-    bar = progress(range(cfg.steps), desc="sft", unit="step")
-    for _ in bar:
-        batch = collate(rng.sample(encoded, min(cfg.batch_size, len(encoded))), tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        per_token = token_logps(logits, batch.input_ids, batch.response_mask)
-        loss = -per_token.sum() / batch.response_mask[:, 1:].sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    sft_steps(model, tokenizer, encoded, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
     model.eval()
     from sparring.evaluation import evaluate, load_eval_set
 
