@@ -41,9 +41,16 @@ def main(argv: list[str] | None = None) -> int:
                 build_proving_ground(cfg.sft, cfg.model.name_or_path if cfg.model.build_proving_ground else None)
                 return 0
             from sparring import algorithms
+            from sparring.training.loop import EXIT_PREEMPTED, NonFiniteLoss, Preempted
 
             try:
                 algorithms.get(cfg.method)(cfg, force=args.force)
+            except Preempted as err:  # a clean stop: schedulers requeue on this status
+                print(f"preempted: {err} (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+                return EXIT_PREEMPTED
+            except NonFiniteLoss as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
             finally:
                 RunLock.release_all()  # the run is over: a later run in this process finds the folder free
             return 0

@@ -88,6 +88,9 @@ class TrainConfig:
     save_steps: int = 50  # optimizer steps between resumable training checkpoints
     logging_steps: int = 1
     seed: int = 42
+    # A step whose loss (or gradient norm) is NaN/inf. error: stop with its records, keeping the last
+    # good checkpoint; skip_step: no optimizer or schedule step for it, counted (skipped_steps in train rows).
+    on_nonfinite: Literal["error", "skip_step"] = "error"
 
 
 @dataclass

@@ -1,7 +1,11 @@
-"""The shared loop: data plan, gradient accumulation, and resume from a mid-epoch checkpoint."""
+"""The shared loop: data plan, gradient accumulation, resume from a mid-epoch checkpoint, stopping on
+a signal, non-finite losses."""
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 from functools import partial
 from types import SimpleNamespace
 
@@ -11,7 +15,7 @@ import torch
 from sparring.config import TrainConfig
 from sparring.losses import spin_loss
 from sparring.training import MetricsLogger, train
-from sparring.training.loop import plan_steps
+from sparring.training.loop import EXIT_PREEMPTED, NonFiniteLoss, Preempted, plan_steps
 from sparring.training.optim import linear_schedule
 
 
@@ -173,6 +177,7 @@ def test_two_processes_with_an_idle_rank_match_one_process_with_twice_the_batch(
     grads2, totals2 = simulate(tmp_path / "two", two, world=2, n=25)
     torch.testing.assert_close(grads2, grads1, rtol=1e-6, atol=1e-7)
     # Example-weighted metric means: sums over their shares, the stand-in record counting for nothing.
+    totals1, totals2 = totals1[:, :-2], totals2[:, :-2]  # the last two: the non-finite and stop flags
     half = totals1.shape[1] // 2
     torch.testing.assert_close(totals2[:, :half] / totals2[:, half:], totals1[:, :half] / totals1[:, half:],
                                rtol=1e-6, atol=1e-7)
@@ -195,3 +200,96 @@ def test_deepspeed_accumulates_micro_batches_into_one_engine_step(tmp_path):
     plain_grads, plain_totals = simulate(tmp_path / "plain", cfg, world=1, n=24)
     torch.testing.assert_close(grads, plain_grads, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(totals, plain_totals)
+
+
+def weights_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def poisoned(model, batch, calls, at, example=None, seen=None):
+    """``step``, but the loss of one example (all with None) is NaN at call ``at``; records the weights."""
+    calls.append(1)
+    if seen is not None:
+        seen.append(weights_of(model))
+    out = step(model, batch)
+    if len(calls) == at:
+        mask = torch.zeros_like(out.loss, dtype=torch.bool)
+        mask[slice(None) if example is None else example] = True
+        out = out._replace(loss=torch.where(mask, torch.full_like(out.loss, math.nan), out.loss))
+    return out
+
+
+def test_nonfinite_loss_stops_naming_step_and_records_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(optimizer="adamw", lr=1e-2, epochs=1, batch_size=4, save_steps=2)  # 6 steps of 4
+    calls: list[int] = []
+    with pytest.raises(NonFiniteLoss) as err:
+        run(tmp_path, cfg, loss_step=partial(poisoned, calls=calls, at=5, example=1))
+    record = plan_steps(24, cfg, 1)[4][0][1]  # the second record of step 5's micro-batch
+    message = str(err.value)
+    assert f"iteration 0 step 5 of 6: a non-finite loss on training records [{record}]" in message
+    assert "the last checkpoint, step 4, is kept" in message and "train.on_nonfinite=skip_step" in message
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]  # none from the bad state
+    rows = MetricsLogger(tmp_path / "metrics.jsonl").rows()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["skipped_steps"] == 0 for r in rows)
+
+
+def test_skip_step_drops_the_step_counts_it_and_the_count_survives_a_resume(tmp_path):
+    cfg = TrainConfig(optimizer="adamw", lr=1e-2, epochs=1, batch_size=4, save_steps=4, on_nonfinite="skip_step")
+    calls, seen = [], []
+
+    def nan_then_crash(model, batch):
+        if len(calls) == 5:
+            raise Boom  # in step 6, after the checkpoint of step 4
+        return poisoned(model, batch, calls, at=3, seen=seen)  # NaN losses at step 3
+
+    with pytest.raises(Boom):
+        run(tmp_path, cfg, loss_step=nan_then_crash)
+    torch.testing.assert_close(seen[3], seen[2], rtol=0, atol=0)  # step 3 did not move the weights
+    assert not torch.equal(seen[2], seen[1])  # the others did
+    rows = MetricsLogger(tmp_path / "metrics.jsonl").rows()
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    assert math.isnan(rows[2]["loss"]) and rows[3]["lr"] == rows[2]["lr"]  # the schedule waited a step
+    model, result, logger = run(tmp_path, cfg)
+    assert [r["skipped_steps"] for r in logger.rows()] == [0, 0, 1, 1, 1, 1]  # counted once, across the resume
+    assert result.last_metrics["skipped_steps"] == 1 and torch.isfinite(weights_of(model)).all()
+
+
+@pytest.mark.parametrize(("signum", "at"), [(signal.SIGTERM, 3), (signal.SIGUSR1, 6)])
+def test_stop_signal_finishes_the_step_checkpoints_and_the_rerun_resumes_to_the_same_weights(tmp_path, signum, at):
+    cfg = TrainConfig(optimizer="adamw", lr=1e-2, epochs=1, batch_size=4, save_steps=100)  # 6 steps, no checkpoint
+    ref, ref_result, ref_logger = run(tmp_path / "ref", cfg)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    calls: list[int] = []
+
+    def signalled(model, batch):  # the signal lands inside step ``at``, before its backward
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+        return step(model, batch)
+
+    with pytest.raises(Preempted, match=f"after iteration 0 step {at} of 6; checkpoint .*step-{at:08d}"):
+        run(tmp_path / "cut", cfg, loss_step=signalled)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before  # handlers restored
+    assert [r["step"] for r in MetricsLogger(tmp_path / "cut" / "metrics.jsonl").rows()] == list(range(1, at + 1))
+    calls.clear()
+    resumed, result, logger = run(tmp_path / "cut", cfg, loss_step=partial(step, calls=calls))
+    assert len(calls) == 6 - at  # the interrupted step was finished, not redone
+    torch.testing.assert_close(weights_of(resumed), weights_of(ref), rtol=0, atol=0)
+    assert [r["loss"] for r in logger.rows()] == pytest.approx([r["loss"] for r in ref_logger.rows()], abs=1e-7)
+    assert result.last_metrics == pytest.approx(ref_result.last_metrics)  # also when no step was left to run
+
+
+@pytest.mark.parametrize(("error", "code", "prefix"), [(Preempted("stopped by a signal after x"), EXIT_PREEMPTED,
+                                                        "preempted: stopped by a signal after x (exit status 75)"),
+                                                       (NonFiniteLoss("iteration 0 step 5 of 6: nan"), 2,
+                                                        "error: iteration 0 step 5 of 6: nan")])
+def test_cli_exit_status_and_message_of_a_stopped_run(monkeypatch, capsys, tmp_path, error, code, prefix):
+    import sparring.algorithms as algorithms
+    from sparring.cli import main
+
+    def stopped(cfg, force):
+        raise error
+
+    monkeypatch.setattr(algorithms, "get", lambda method: stopped)
+    assert main(["run", f"output_dir={tmp_path}"]) == code
+    assert prefix in capsys.readouterr().err

@@ -5,13 +5,21 @@ Every method calls ``train(...)`` with its records, a ``collate(records) -> batc
 epoch), gradient accumulation, clipping, the optimizer and schedule, logging and resumable
 checkpoints: every ``save_steps`` optimizer steps the model, optimizer, scheduler and RNG states are
 saved with ``accelerator.save_state``; a rerun loads the newest one and skips the steps it covers.
+
+SIGTERM or SIGUSR1 during training (a scheduler's preemption notice) ends the current step, writes a
+checkpoint and raises ``Preempted`` (the CLI exits with ``EXIT_PREEMPTED``). A non-finite loss or
+gradient norm raises ``NonFiniteLoss`` or skips the step (``train.on_nonfinite``). Every process
+takes both decisions from one all-reduce per step, so all stop or skip at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +27,49 @@ from typing import Any
 
 import torch
 
-from sparring.config import TrainConfig
+from sparring.config import ConfigError, TrainConfig
 from sparring.losses import LossOutput
 from sparring.progress import progress
 from sparring.training.metrics import MetricsLogger
 from sparring.training.optim import linear_schedule, make_optimizer
 
 SCHEDULE_FILE = "schedule.pt"
+LOOP_FILE = "loop.json"  # the loop's own counters, saved in each checkpoint
+# sysexits' EX_TEMPFAIL: "try again later" — the run stopped cleanly and its rerun resumes it.
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on a signal after writing a checkpoint; rerunning the command resumes it."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradient norm was NaN/inf (train.on_nonfinite=error); nothing was saved from it."""
+
+
+class StopRequest:
+    """Notes SIGTERM/SIGUSR1 while training, so the loop stops between steps, never inside one.
+
+    Handlers can only be set from the main thread; elsewhere the signals keep their old meaning.
+    The previous handlers come back when the block ends.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame) -> None:
+        self.signum = signum
 
 
 @dataclass
@@ -85,6 +129,9 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return 1
+    if cfg.on_nonfinite == "skip_step":
+        raise ConfigError("train.on_nonfinite=skip_step cannot work under DeepSpeed: its engine steps inside "
+                          "backward, before the loop sees the loss; use error")
     plugin.gradient_accumulation_steps = cfg.grad_accum
     plugin.deepspeed_config.update({
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -135,7 +182,7 @@ def train(
     """Train ``model`` in place on ``records``; resumes from the newest checkpoint under ``folder``."""
     if not records:
         raise ValueError("no training records")
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     plan = plan_steps(len(records), cfg, world)
     total = len(plan)
     if cfg.gradient_checkpointing:
@@ -152,52 +199,121 @@ def train(
 
     checkpoints = folder / "checkpoints"
     start = load_latest_checkpoint(accelerator, scheduler, checkpoints)
+    state = loop_state(checkpoints, start)
     logger.drop(lambda r: r.get("kind") == "train" and _same(r, log_fields) and r["step"] > start)
     logger.open_tensorboard(purge_step=global_step_offset + start + 1)
-
-    last: dict[str, float] = {}
+    where = " ".join(f"{k} {v}" for k, v in log_fields.items()) or "training"
     bar = progress(total=total, initial=start, desc=desc, enabled=accelerator.is_main_process, unit="step")
-    for step in range(start, total):
-        micro_batches = shard_step(plan[step], rank, world)
-        step_total = sum(len(m) for m in plan[step])
-        sums: dict[str, float] = {}
-        shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
-        for j, micro in enumerate(micro_batches):
-            batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
-            with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
-                out = loss_step(model, batch)
-                # The sum over the step's examples / their global count (scaled for the reductions after).
-                accelerator.backward(out.loss.sum() * (loss_scale if micro.count else 0) / step_total)
-            add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.update(1)
-        totals = torch.tensor([*sums.values(), *shares.values()], device=accelerator.device)
-        totals = accelerator.reduce(totals, reduction="sum").tolist()
-        metrics = {k: v / w if w > 0 else math.nan for k, v, w in zip(sums, totals, totals[len(sums) :])}
-        last = {**metrics, "grad_norm": float(grad_norm), "lr": lr}
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if done % cfg.logging_steps == 0 or done == total:
-            row = {"kind": "train", **log_fields, "step": done, "epoch": round(done / total * cfg.epochs, 4), **last}
-            logger.log(row, step=global_step_offset + done)
-        if done % cfg.save_steps == 0 and done < total:
-            save_checkpoint(accelerator, scheduler, checkpoints, done)
-    bar.close()
-    logger.close()
+    try:
+        with StopRequest() as stop:
+            for step in range(start, total):
+                done = step + 1
+                sums, shares, bad = run_micro_batches(model, records, plan[step], collate, loss_step, accelerator,
+                                                      loss_scale=loss_scale)
+                end = end_step(accelerator, model, cfg, sums, shares, bad, stop)
+                if end.nonfinite and cfg.on_nonfinite == "error":
+                    raise NonFiniteLoss(nonfinite_message(accelerator, bad, plan[step], f"{where} step {done} of {total}",
+                                                          end.grad_norm, checkpoints, state["checkpoint"]))
+                lr = scheduler.get_last_lr()[0]
+                if end.nonfinite:  # skip_step: the gradients are dropped and the schedule waits
+                    state["skipped_steps"] += 1
+                else:
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                bar.set_postfix(loss=f"{end.metrics['loss']:.4f}")
+                state["last_metrics"] = {**end.metrics, "grad_norm": end.grad_norm, "lr": lr,
+                                         "skipped_steps": state["skipped_steps"]}
+                if done % cfg.logging_steps == 0 or done == total or end.stopping:
+                    row = {"kind": "train", **log_fields, "step": done, "epoch": round(done / total * cfg.epochs, 4)}
+                    logger.log({**row, **state["last_metrics"]}, step=global_step_offset + done)
+                if (done % cfg.save_steps == 0 and done < total) or end.stopping:
+                    state["checkpoint"] = done
+                    save_checkpoint(accelerator, scheduler, checkpoints, done, loop_state=state)
+                if end.stopping:
+                    raise Preempted(f"stopped by a signal after {where} step {done} of {total}; checkpoint "
+                                    f"{checkpoints / f'step-{done:08d}'}; rerun the same command to resume")
+    finally:
+        bar.close()
+        logger.close()
     accelerator.wait_for_everyone()
-    return TrainResult(steps=total, last_metrics=last, model=model)
+    return TrainResult(steps=total, last_metrics=state["last_metrics"], model=model)
+
+
+def loop_state(checkpoints: Path, start: int) -> dict[str, Any]:
+    """The loop's counters as of checkpoint ``start`` (a checkpoint without them predates them)."""
+    state = {"skipped_steps": 0, "last_metrics": {}, "checkpoint": start}
+    saved = checkpoints / f"step-{start:08d}" / LOOP_FILE
+    return state | json.loads(saved.read_text()) if start and saved.exists() else state
+
+
+@dataclass
+class StepEnd:
+    metrics: dict[str, float]  # example-weighted means over every process
+    grad_norm: float
+    nonfinite: bool  # on any process
+    stopping: bool  # a stop signal reached any process
+
+
+def end_step(accelerator, model, cfg: TrainConfig, sums, shares, bad: list[int], stop: StopRequest) -> StepEnd:
+    """Clip, then one all-reduce of the metric sums and of the non-finite and stop flags, so that
+    every process takes the same decision at this step."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # None: DeepSpeed has not computed one
+    # fp16's scaler skips overflowing steps itself; otherwise an inf/NaN norm poisons the step.
+    nonfinite = bool(bad) or (accelerator.scaler is None and not math.isfinite(grad_norm))
+    flags = [float(nonfinite), float(stop.signum)]
+    totals = torch.tensor([*sums.values(), *shares.values(), *flags], device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum").tolist()
+    metrics = {k: v / w if w > 0 else math.nan for k, v, w in zip(sums, totals, totals[len(sums) : -2])}
+    return StepEnd(metrics, grad_norm, nonfinite=totals[-2] > 0, stopping=totals[-1] > 0)
+
+
+def run_micro_batches(model, records, step: list[list[int]], collate, loss_step, accelerator, *, loss_scale: int):
+    """Forward and backward over this process's share of one optimizer step.
+
+    Returns the step's metric sums and shares (example-weighted) and the records whose loss was
+    not finite."""
+    micro_batches = shard_step(step, accelerator.process_index, accelerator.num_processes)
+    step_total = sum(len(m) for m in step)
+    sums: dict[str, float] = {}
+    shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
+    bad: list[int] = []
+    for j, micro in enumerate(micro_batches):
+        batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
+        with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
+            out = loss_step(model, batch)
+            # The sum over the step's examples / their global count (scaled for the reductions after).
+            accelerator.backward(out.loss.sum() * (loss_scale if micro.count else 0) / step_total)
+        # A stand-in's NaN counts too: 0 × NaN is still NaN in the gradients it sends.
+        finite = torch.isfinite(out.loss.detach()).flatten().tolist()
+        bad += [i for i, ok in zip(micro.indices, finite) if not ok]
+        add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
+    return sums, shares, bad
+
+
+def nonfinite_message(accelerator, bad: list[int], step: list[list[int]], where: str, grad_norm: float,
+                      checkpoints: Path, checkpoint: int) -> str:
+    """What stopped the run: the step, the records with a non-finite loss (from every process), what is kept."""
+    from accelerate.utils import gather_object
+
+    bad = sorted(set(gather_object(bad)))  # a collective: every process is here, on the same step
+    what = (f"a non-finite loss on training records {bad}" if bad else
+            f"a non-finite gradient norm ({grad_norm}) on training records {sorted(i for m in step for i in m)}")
+    kept = f"the last checkpoint, step {checkpoint}, is kept in {checkpoints}" if checkpoint else "no checkpoint yet"
+    return (f"{where}: {what} (positions in the records the method built); nothing was "
+            f"saved from this step and {kept}; train.on_nonfinite=skip_step skips such steps")
 
 
 def _same(row: dict, fields: dict[str, Any]) -> bool:
     return all(row.get(k) == v for k, v in fields.items())
 
 
-def save_checkpoint(accelerator, scheduler, folder: Path, step: int) -> None:
-    """save_state into a temporary folder, rename it into place, then drop older checkpoints."""
+def save_checkpoint(accelerator, scheduler, folder: Path, step: int, loop_state: dict | None = None) -> None:
+    """save_state into a temporary folder, rename it into place, then drop older checkpoints.
+
+    ``loop_state`` (JSON) is the caller's own counters, read back on resume."""
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
@@ -207,6 +323,8 @@ def save_checkpoint(accelerator, scheduler, folder: Path, step: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULE_FILE)
+        if loop_state is not None:
+            (tmp / LOOP_FILE).write_text(json.dumps(loop_state))
         tmp.replace(final)
         for old in folder.glob("step-*[0-9]"):
             if old != final:
