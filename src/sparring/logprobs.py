@@ -1,6 +1,12 @@
 """The one log-prob function: masked sums of response-token log-probs.
 
 It serves training, the opponent/team precompute, LSP's policy and reference passes, and scoring.
+
+Only the logits that are scored are ever computed: batches are prompt-aligned (every prompt ends
+at the same column, so the responses share one window of columns), the model's LM head runs on
+that window alone (``logits_to_keep``), and the log-softmax runs over it in chunks of positions
+with a hand-written backward, so no float32 copy of the (B, T, V) logits exists (forward or
+backward). ``plain_sequence_logps`` is the textbook computation the tests compare against.
 """
 
 from __future__ import annotations
@@ -11,25 +17,89 @@ import torch
 
 
 class Sequences(NamedTuple):
-    """A right-padded batch of prompt+response sequences."""
+    """A prompt-aligned batch: left-padded prompts ending at one column, right-padded responses."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     response_mask: torch.Tensor  # (B, T) 1 on response tokens (what is scored)
+    position_ids: torch.Tensor  # (B, T) 0, 1, … from each row's first real token (as if unpadded)
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Sequences:
-    """(prompt ids, response ids) pairs -> one right-padded batch."""
-    length = max(len(p) + len(r) for p, r in pairs)
+    """(prompt ids, response ids) pairs -> one prompt-aligned batch."""
+    width = max(len(p) for p, _ in pairs)  # every response starts at this column
+    length = width + max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(pairs), length), dtype=torch.long)
     response = torch.zeros((len(pairs), length), dtype=torch.long)
     for i, (p, r) in enumerate(pairs):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-        attention[i, :n] = 1
-        response[i, len(p) : n] = 1
-    return Sequences(ids, attention, response)
+        start, end = width - len(p), width + len(r)
+        ids[i, start:end] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, start:end] = 1
+        response[i, width:end] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return Sequences(ids, attention, response, positions)
+
+
+def response_window(batch: Sequences) -> torch.Tensor:
+    """Positions t whose next token t+1 is a response token in some row, (K,): the logits needed."""
+    columns = batch.response_mask.any(0).nonzero().flatten()
+    if len(columns) == 0:
+        return columns
+    return torch.arange(int(columns[0]) - 1, int(columns[-1]), device=batch.input_ids.device)
+
+
+def forward_logits(model, batch: Sequences, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at ``positions`` (all when None), (B, K, V); the LM head runs on those positions only."""
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.position_ids, use_cache=False)
+    if positions is None:
+        return model(**kwargs).logits
+    try:
+        return model(**kwargs, logits_to_keep=positions).logits
+    except TypeError:  # a model class without logits_to_keep: full logits, then the window
+        return model(**kwargs).logits[:, positions]
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T)[target] over chunks of positions, in float32 one chunk at a time.
+
+    Backward: d/dlogits = (onehot(target) − softmax(logits / T)) · grad / T, chunk by chunk, so the
+    only full-size tensors are the logits themselves and their gradient, in the model's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk: int):  # (B, K, V), (B, K)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
+        out = torch.empty(targets.shape, dtype=acc, device=logits.device)  # (B, K)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[1], chunk):
+            x = logits[:, s : s + chunk].to(acc) / temperature  # (B, k, V)
+            lse[:, s : s + chunk] = torch.logsumexp(x, dim=-1)
+            out[:, s : s + chunk] = x.gather(-1, targets[:, s : s + chunk, None]).squeeze(-1) - lse[:, s : s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, K)
+        logits, targets, lse = ctx.saved_tensors
+        t, grad_logits = ctx.temperature, torch.empty_like(logits)
+        for s in range(0, logits.shape[1], ctx.chunk):
+            g = grad[:, s : s + ctx.chunk, None].to(lse.dtype) / t  # (B, k, 1)
+            probs = torch.exp(logits[:, s : s + ctx.chunk].to(lse.dtype) / t - lse[:, s : s + ctx.chunk, None])
+            part = -g * probs
+            part.scatter_add_(-1, targets[:, s : s + ctx.chunk, None], g)
+            grad_logits[:, s : s + ctx.chunk] = part.to(logits.dtype)
+        return grad_logits, None, None, None
+
+
+def selective_logps(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                    chunk_elements: int = 2**26) -> torch.Tensor:
+    """log softmax(logits / T) at ``targets``, (B, K), in float32 (float64 for float64 logits); chunks of
+    ~``chunk_elements`` logits."""
+    chunk = max(1, chunk_elements // max(1, logits.shape[0] * logits.shape[2]))
+    return _SelectiveLogSoftmax.apply(logits, targets, temperature, chunk)
 
 
 def token_logps(
@@ -41,20 +111,28 @@ def token_logps(
     log p(input_ids[t+1] | input_ids[≤t]) if token t+1 is a response token, else 0. ``temperature``
     scores under softmax(logits / T), the distribution a rollout sampled at temperature T came from.
     """
-    logits = logits[:, :-1].float()  # (B, T−1, V) fp32 for a stable log-softmax
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, 1:]  # (B, T−1)
-    picked = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T−1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
+    logps = selective_logps(logits[:, :-1], input_ids[:, 1:], temperature=temperature)  # (B, T−1)
     return logps * response_mask[:, 1:].to(logps.dtype)
 
 
 def sequence_logps(model, batch: Sequences, *, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
     """L(z) = Σ_t log π(z_t | x, z_<t) over response tokens, (B,). ``average`` divides by their count."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    per_token = token_logps(logits, batch.input_ids, batch.response_mask, temperature=temperature)  # (B, T−1)
-    total = per_token.sum(-1)
+    window = response_window(batch)  # (K,)
+    logits = forward_logits(model, batch, window)  # (B, K, V)
+    targets = batch.input_ids[:, window + 1]  # (B, K)
+    logps = selective_logps(logits, targets, temperature=temperature)  # (B, K)
+    mask = batch.response_mask[:, window + 1].to(logps.dtype)
+    total = (logps * mask).sum(-1)
     if average:
-        total = total / batch.response_mask[:, 1:].sum(-1).clamp(min=1)
+        total = total / mask.sum(-1).clamp(min=1)
     return total
+
+
+def plain_sequence_logps(model, batch: Sequences, *, average: bool = False) -> torch.Tensor:
+    """The textbook computation (full logits, full float32 log-softmax): the reference in tests."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits[:, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    mask = batch.response_mask[:, 1:].to(logps.dtype)
+    total = (logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total

@@ -16,7 +16,7 @@ import torch
 from sparring.config import LspConfig, LspRewardConfig
 from sparring.data import encode
 from sparring.generation import HFGenerator, SamplingParams, batch_seed
-from sparring.logprobs import collate, token_logps
+from sparring.logprobs import collate, forward_logits, token_logps
 from sparring.losses.lsp import kl_k3, reinforce_loss
 from sparring.rewards import RewardBatch, RewardFn
 
@@ -255,8 +255,7 @@ def backward_role(
 
 
 def _role_token_logps(model, batch, temperature: float) -> torch.Tensor:  # (B, T−1)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return token_logps(logits, batch.input_ids, batch.response_mask, temperature=temperature)
+    return token_logps(forward_logits(model, batch), batch.input_ids, batch.response_mask, temperature=temperature)
 
 
 def policy_gradient(

@@ -6,21 +6,9 @@ import math
 
 import pytest
 import torch
+from tests.unit.table_lm import TableModel
 
 from sparring.logprobs import collate, sequence_logps, token_logps
-
-
-class TableModel(torch.nn.Module):
-    """A bigram "LM": the logits at position t depend only on token t (a fixed table), so expected
-    log-probs can be computed by hand."""
-
-    def __init__(self, vocab: int = 6):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return type("Out", (), {"logits": self.table[input_ids]})()
 
 
 def by_hand(model: TableModel, prompt: list[int], response: list[int]) -> float:
@@ -29,11 +17,14 @@ def by_hand(model: TableModel, prompt: list[int], response: list[int]) -> float:
     return sum(logp[seq[t - 1], seq[t]].item() for t in range(len(prompt), len(seq)))
 
 
-def test_collate_right_pads_and_marks_response_tokens():
+def test_collate_aligns_prompts_and_marks_response_tokens():
+    # Prompts end at one column (left padding), responses follow (right padding); positions count
+    # from each row's first real token, as if the row were alone.
     batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 1, 2]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    assert batch.response_mask.tolist() == [[0, 0, 1, 0], [0, 1, 1, 1]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0, 0], [0, 4, 5, 1, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
 
 
 def test_sequence_logps_sum_only_response_tokens_excluding_prompt_and_padding():
@@ -45,7 +36,8 @@ def test_sequence_logps_sum_only_response_tokens_excluding_prompt_and_padding():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     # Changing a padding id or a prompt-independent position outside the mask changes nothing.
     batch2 = batch._replace(input_ids=batch.input_ids.clone())
-    batch2.input_ids[0, 3] = 5  # padding position of row 0
+    batch2.input_ids[0, 5] = 5  # right padding of row 0
+    batch2.input_ids[1, 0] = 5  # left padding of row 1
     torch.testing.assert_close(sequence_logps(model, batch2), got)
     mean = sequence_logps(model, batch, average=True)
     torch.testing.assert_close(mean.double(), expected / torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64))
@@ -55,9 +47,9 @@ def test_token_logps_are_zero_outside_the_response():
     model = TableModel()
     batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
     per_token = token_logps(model(batch.input_ids).logits, batch.input_ids, batch.response_mask)
-    assert per_token.shape == (2, 3)
-    assert (per_token[0, [0, 2]] == 0).all() and per_token[0, 1] < 0
-    assert (per_token[1] < 0).all()
+    assert per_token.shape == (2, 4)
+    assert (per_token[0, [0, 2, 3]] == 0).all() and per_token[0, 1] < 0
+    assert (per_token[1, 1:] < 0).all() and per_token[1, 0] == 0
 
 
 def test_longer_response_with_same_per_token_logprob_scales_linearly():
@@ -90,11 +82,75 @@ def test_token_logps_at_a_temperature_are_those_of_the_tempered_softmax():
     tempered = token_logps(logits, batch.input_ids, batch.response_mask, temperature=0.5)  # (B, T−1)
     hand = torch.log_softmax(model.table / 0.5, dim=-1)
     for b, (p, r) in enumerate(pairs):
-        seq = p + r
+        seq, start = p + r, 2 - len(p)  # prompts end at column 2
         for t in range(len(p), len(seq)):
-            assert tempered[b, t - 1].item() == pytest.approx(hand[seq[t - 1], seq[t]].item(), rel=1e-6)
+            assert tempered[b, start + t - 1].item() == pytest.approx(hand[seq[t - 1], seq[t]].item(), rel=1e-6)
     assert tempered[0, 0] == 0 and tempered[0, 2] == 0  # still zero outside the response
     torch.testing.assert_close(sequence_logps(model, batch, temperature=0.5), tempered.sum(-1))
     # T = 1 is the default and changes nothing
     torch.testing.assert_close(token_logps(logits, batch.input_ids, batch.response_mask, temperature=1.0),
                                token_logps(logits, batch.input_ids, batch.response_mask), rtol=0, atol=0)
+
+
+def right_padded(pairs, pad_id):
+    """The old layout (prompt + response, right padding, positions 0…T−1): the plain reference."""
+    length = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), length), pad_id)
+    attention, response = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, : len(p) + len(r)] = 1
+        response[i, len(p) : len(p) + len(r)] = 1
+    return ids, attention, response
+
+
+def test_optimized_logps_equal_the_plain_computation_on_a_bpe_vocab_model_with_ragged_lengths():
+    """Window-only LM head + chunked log-softmax == full logits + full float32 log-softmax on the old
+    right-padded layout: values rtol 1e-5, every parameter gradient rtol 1e-4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 8000  # BPE-sized, so the chunked log-softmax splits the window into several chunks
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    g = torch.Generator().manual_seed(1)
+    lengths = [(3, 9), (17, 2), (8, 14), (1, 5), (25, 11)]  # ragged prompts and responses
+    pairs = [(torch.randint(1, vocab, (p,), generator=g).tolist(), torch.randint(1, vocab, (r,), generator=g).tolist())
+             for p, r in lengths]
+
+    ids, attention, response = right_padded(pairs, 0)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    plain = (torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * response[:, 1:]).sum(-1)
+    plain.sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    import sparring.logprobs as lp
+
+    batch = collate(pairs, 0)
+    chunked = lp.selective_logps
+    lp.selective_logps = lambda *a, **k: chunked(*a, **{**k, "chunk_elements": 5 * vocab * 3})  # 3 positions a chunk
+    try:
+        fast = sequence_logps(model, batch)
+    finally:
+        lp.selective_logps = chunked
+    fast.sum().backward()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(lp.plain_sequence_logps(model, batch), plain.detach(), rtol=1e-5, atol=1e-5)
+    assert len(lp.response_window(batch)) == max(r for _, r in lengths)  # the LM head ran on 14 positions, not 36
+
+
+def test_selective_log_softmax_gradient_is_exact():
+    from sparring.logprobs import selective_logps
+
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 5))
+    for temperature in (1.0, 0.7):
+        def fn(x, temperature=temperature):  # chunks of two positions
+            return selective_logps(x, targets, temperature=temperature, chunk_elements=2 * 7 * 2)
+
+        assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-5)
+        expected = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+        torch.testing.assert_close(fn(logits), expected, rtol=1e-6, atol=1e-6)

@@ -395,7 +395,7 @@ def test_evaluation_leaves_the_policy_in_training_mode(tok, monkeypatch):
 
 
 def test_micro_batched_gradient_equals_lsp_loss_on_the_whole_batch(tok, accelerator):
-    from sparring.logprobs import collate, token_logps
+    from sparring.logprobs import collate, forward_logits, token_logps
     from sparring.losses import kl_k3
 
     model, ref = tiny_model(tok, seed=2), tiny_model(tok, seed=2)
@@ -412,9 +412,9 @@ def test_micro_batched_gradient_equals_lsp_loss_on_the_whole_batch(tok, accelera
 
     def role(seqs):
         b = collate(seqs, tok.pad_token_id)
-        tok_lp = token_logps(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.input_ids, b.response_mask)
+        tok_lp = token_logps(forward_logits(model, b), b.input_ids, b.response_mask)
         with torch.no_grad():
-            ref_lp = token_logps(ref(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.input_ids, b.response_mask)
+            ref_lp = token_logps(forward_logits(ref, b), b.input_ids, b.response_mask)
         return tok_lp.sum(-1), kl_k3(tok_lp, ref_lp, b.response_mask[:, 1:])
 
     model.zero_grad()

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from tests.unit.table_lm import TableModel
 
 from sparring.state import ChunkStore, read_jsonl, write_jsonl
 from sparring.training.precompute import score_sequences
-
-
-class TableModel(torch.nn.Module):
-    """A bigram "LM" (logits at t depend on token t only): cheap, and its log-probs ignore padding."""
-
-    def __init__(self, vocab: int = 7):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return type("Out", (), {"logits": self.table[input_ids]})()
 
 
 def items(n: int = 20, shift: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -25,7 +13,7 @@ def items(n: int = 20, shift: int = 0) -> list[tuple[list[int], list[int]]]:
 
 
 def score(folder, batch_size: int, pairs=None) -> list[float]:
-    return score_sequences(TableModel(), pairs or items(), pad_id=0, batch_size=batch_size, folder=folder)
+    return score_sequences(TableModel(vocab=7), pairs or items(), pad_id=0, batch_size=batch_size, folder=folder)
 
 
 def test_a_changed_logprob_batch_size_recomputes_the_chunks(tmp_path, capsys):

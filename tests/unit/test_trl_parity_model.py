@@ -40,7 +40,7 @@ def test_spin_loss_on_a_tiny_model_matches_trl_dpo():
     prompts = [enc("<|user|>What is 1 + 2?<|end|><|assistant|>"), enc("<|user|>Sort the digits 3 1.<|end|><|assistant|>")]
     real = [enc("3<|end|>"), enc("1 3<|end|>")]
     generated = [enc("12<|end|>"), enc("3 1 1<|end|>")]
-    # TRL's layout: [chosen; rejected], right-padded, completion tokens marked.
+    # TRL's layout: [chosen; rejected], completion tokens marked (prompt-aligned here; RoPE is relative).
     batch = collate([(p, r) for p, r in zip(prompts, real)] + [(p, g) for p, g in zip(prompts, generated)],
                     tok.pad_token_id)
 

@@ -16,7 +16,7 @@ import torch
 
 from sparring.config import EvalConfig, SftConfig
 from sparring.data import encode, parse_row
-from sparring.logprobs import collate, token_logps
+from sparring.logprobs import collate, sequence_logps
 from sparring.progress import progress
 from sparring.state import atomic_write_json, write_jsonl
 from sparring.tasks.problems import make_rows
@@ -54,9 +54,8 @@ def sft_steps(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *, s
     bar = progress(range(steps), desc="sft", unit="step")
     for step in bar:
         batch = collate(rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        per_token = token_logps(logits, batch.input_ids, batch.response_mask)
-        loss = -per_token.sum() / batch.response_mask[:, 1:].sum()
+        logps = sequence_logps(model, batch)  # (B,) summed over response tokens
+        loss = -logps.sum() / batch.response_mask[:, 1:].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
