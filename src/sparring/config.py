@@ -176,11 +176,28 @@ class LspConfig:
     save_every: int = 50  # K: checkpoint for resume
     sample_every: int = 10  # K: queries and answers written to samples.jsonl
     reward: LspRewardConfig = field(default_factory=LspRewardConfig)
-    # LoRA (needs peft): 0 trains every weight and holds a second, frozen copy as π_Ref; r > 0 trains
-    # adapters and uses the base model with adapters disabled as π_Ref (no second copy).
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class PeftConfig:
+    """LoRA / QLoRA adapters, one section for every method (needs peft: pip install 'sparring[peft]').
+
+    SPIN, T-SPIN, TPAW: each iteration trains fresh adapters on θ_t and merges them into θ_{t+1}, saved
+    as a full model. LSP: one set of adapters for the whole run; π_Ref is the base with them disabled.
+    """
+
+    enabled: bool = False  # LoRA is on when enabled or r > 0
+    r: int = 0  # rank
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input while training (0: every method's dropout is off)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # QLoRA: θ_t held in 4 bits (NF4, bitsandbytes, CUDA only), adapters in full precision; θ_{t+1}
+    # is merged into a full-precision copy of θ_t, never into the rounded weights.
+    load_in_4bit: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.enabled or self.r > 0
 
 
 @dataclass
@@ -216,6 +233,7 @@ class RunConfig:
     tspin: TSpinConfig = field(default_factory=TSpinConfig)
     tpaw: TpawConfig = field(default_factory=TpawConfig)
     lsp: LspConfig = field(default_factory=LspConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     per_iteration: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -248,6 +266,19 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Keys that moved to another section: a config that still uses one is told where it went.
+MOVED_KEYS = {
+    "lsp.lora_r": "peft.r",
+    "lsp.lora_alpha": "peft.alpha",
+    "lsp.lora_target_modules": "peft.target_modules",
+}
+
+
+def _moved_error(keys: list[str]) -> ConfigError:
+    moves = ", ".join(f"'{k}' is now '{MOVED_KEYS[k]}'" for k in keys)
+    return ConfigError(f"config key moved: {moves} (LoRA is one peft: section for every method, see docs/algorithms.md)")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -258,6 +289,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    moved = [prefix + k for k in unknown if prefix + k in MOVED_KEYS]
+    if moved:
+        raise _moved_error(moved)
     if unknown:
         where = f" in '{prefix.rstrip('.')}'" if prefix else ""
         raise ConfigError(
@@ -329,6 +363,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    if key in MOVED_KEYS:
+        raise _moved_error([key])
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -386,7 +422,8 @@ def validate(cfg: RunConfig) -> None:
         if iteration < 0:
             raise ConfigError(f"per_iteration: iteration {iteration} must be >= 0")
         for key in overrides:
-            if key.startswith("per_iteration") or key in ("method", "output_dir"):
+            # peft: every iteration's adapters sit on θ_t alike (and TPAW loads the team as θ_t is).
+            if key.startswith(("per_iteration", "peft.")) or key in ("method", "output_dir", "peft"):
                 raise ConfigError(f"per_iteration.{iteration}: '{key}' cannot change per iteration")
             _check_key(base, key, iteration)
         cfg.for_iteration(iteration)  # type-checks the override values
@@ -406,6 +443,7 @@ def validate(cfg: RunConfig) -> None:
             f"method (lsp) has; {cfg.method} already pushes every y′ down: use keep or drop"
         )
     _validate_lsp(cfg.lsp)
+    _validate_peft(cfg.peft)
 
 
 def _validate_lsp(lsp: LspConfig) -> None:
@@ -425,11 +463,22 @@ def _validate_lsp(lsp: LspConfig) -> None:
         raise ConfigError("lsp.reward.kind=reward_model needs lsp.reward.reward_model (a Hub id or local directory)")
     if lsp.reward.kind == "function" and not lsp.reward.function:
         raise ConfigError("lsp.reward.kind=function needs lsp.reward.function ('package.module:function')")
-    if lsp.lora_r < 0:
-        raise ConfigError("lsp.lora_r must be >= 0 (0 turns LoRA off)")
+
+
+def _validate_peft(peft: PeftConfig) -> None:
+    if peft.r < 0:
+        raise ConfigError("peft.r must be >= 0 (0 with peft.enabled=false turns LoRA off)")
+    if peft.enabled and peft.r == 0:
+        raise ConfigError("peft.enabled=true needs the adapters' rank: set peft.r (e.g. 16)")
+    if peft.load_in_4bit and not peft.on:
+        raise ConfigError("peft.load_in_4bit (QLoRA) trains adapters on a 4-bit model: set peft.r too")
+    if peft.on and (peft.alpha <= 0 or not 0.0 <= peft.dropout < 1.0 or not peft.target_modules):
+        raise ConfigError("peft.alpha must be > 0, peft.dropout in [0, 1) and peft.target_modules non-empty")
 
 
 def _check_key(base: dict[str, Any], key: str, iteration: int) -> None:
+    if key in MOVED_KEYS:
+        raise _moved_error([key])
     node: Any = base
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -18,7 +18,15 @@ from sparring.config import ConfigError, RunConfig
 from sparring.data.dataset import TrainingSet, load_training_set
 from sparring.evaluation import evaluate, load_eval_set
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
-from sparring.modeling import ensure_base_model, load_model, load_tokenizer, make_accelerator
+from sparring.modeling import (
+    add_adapters,
+    ensure_base_model,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+    make_accelerator,
+    merge_adapters,
+)
 from sparring.state import RunDir, RunLocked, atomic_write_json, read_jsonl, write_jsonl
 from sparring.training import MetricsLogger
 
@@ -71,8 +79,26 @@ def model_path(s: Session, t: int) -> str | Path | None:
     return None if t == 0 else s.run_dir.model(t - 1)
 
 
-def load_iterate(s: Session, t: int):
-    return load_model(s.cfg.model, model_path(s, t), device=s.accelerator.device)
+def load_iterate(s: Session, t: int, *, trainable: bool = True):
+    """θ_t on this process's device (in 4 bits with peft.load_in_4bit).
+
+    With LoRA and ``trainable``: θ_t with fresh adapters, the only weights that train. Their B is 0,
+    so the model computes exactly θ_t: generation and the opponent pass see θ_t, and training starts
+    at policy = opponent. save_model merges the adapters into θ_{t+1}, a full model again."""
+    peft = s.cfg.peft
+    model = load_model(s.cfg.model, model_path(s, t), device=s.accelerator.device, load_in_4bit=peft.load_in_4bit)
+    if not (peft.on and trainable):
+        return model
+    check_unsharded(s)
+    return add_adapters(model, peft, seed=s.cfg.train.seed + t, gradient_checkpointing=s.cfg.train.gradient_checkpointing)
+
+
+def check_unsharded(s: Session) -> None:
+    """Merging adapters into θ_{t+1} needs whole weights on each process: no FSDP, no ZeRO-3."""
+    plugin = getattr(s.accelerator.state, "deepspeed_plugin", None)
+    if s.accelerator.distributed_type.name == "FSDP" or getattr(plugin, "zero_stage", 0) == 3:
+        raise ConfigError("the peft: section (LoRA) does not run under FSDP or DeepSpeed ZeRO-3 (the adapters are "
+                          "merged into whole weights); use DDP or ZeRO-1/2, or train without peft")
 
 
 def release(s: Session | None = None) -> None:
@@ -174,11 +200,16 @@ def finish_iteration(s: Session, t: int, result, info: dict) -> None:
 
 
 def save_model(s: Session, model, t: int) -> None:
-    """θ_{t+1} with save_pretrained (safetensors) and the tokenizer, renamed into place."""
+    """θ_{t+1} with save_pretrained (safetensors) and the tokenizer, renamed into place.
+
+    Under LoRA θ_{t+1} is θ_t with the iteration's adapters merged in: a full model like any iterate."""
     target = s.run_dir.model(t)
     tmp = target.with_name(target.name + ".tmp")
     unwrapped = s.accelerator.unwrap_model(model)
-    state_dict = s.accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
+    if is_peft_model(unwrapped):  # whole weights on every process (check_unsharded): nothing to gather
+        unwrapped, state_dict = merge_adapters(unwrapped, s.cfg.model, model_path(s, t)), None
+    else:
+        state_dict = s.accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
     if s.main:
         shutil.rmtree(tmp, ignore_errors=True)
     s.accelerator.wait_for_everyone()

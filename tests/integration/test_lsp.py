@@ -92,7 +92,7 @@ def test_lsp_self_reward_with_lora_end_to_end(tiny_ground, tmp_path, reward_dir)
     out = tmp_path / "self"
     cfg = load_config(SELF_REWARD, overrides(
         tiny_ground, out, "lsp.steps=2", "lsp.reward.kind=function", "lsp.reward.function=lsp_test_reward:reward",
-        "lsp.judge_max_new_tokens=8", "lsp.lora_r=4", "lsp.lora_alpha=8", "train.lr=0.01",
+        "lsp.judge_max_new_tokens=8", "peft.r=4", "peft.alpha=8", "train.lr=0.01",
     ))
     run(cfg)
     metrics = lsp_rows(out)

@@ -36,7 +36,7 @@ from sparring.lsp_rollouts import (
     sample_rollouts,
     score_rewards,
 )
-from sparring.modeling import load_model, resolve_dtype
+from sparring.modeling import add_adapters, check_peft, load_model, merge_adapters, resolve_dtype
 from sparring.rewards import SelfJudge
 from sparring.state import read_jsonl, write_jsonl
 from sparring.training.loop import load_latest_checkpoint, save_checkpoint
@@ -44,6 +44,7 @@ from sparring.training.optim import linear_schedule, make_optimizer
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force, load_data=False)
     if s.accelerator.num_processes > 1:
         raise RuntimeError("LSP runs in a single process for now (launch it without accelerate multi-process)")
@@ -116,21 +117,14 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
 
 
 def build_policy_and_reference(cfg: RunConfig, device):
-    """The trained policy and π_Ref: a frozen second copy, or with LoRA the base with adapters off."""
-    model = load_model(cfg.model, device=device)
+    """The trained policy and π_Ref: a frozen second copy, or with LoRA (the peft: section, one set of
+    adapters for the whole run) the base with its adapters disabled, so no second copy is held."""
+    model = load_model(cfg.model, device=device, load_in_4bit=cfg.peft.load_in_4bit)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if cfg.lsp.lora_r == 0:
+    if not cfg.peft.on:
         return model, Reference(copy=load_model(cfg.model, device=device))
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("lsp.lora_r > 0 needs peft: pip install 'sparring[peft]'") from None
-    lora = LoraConfig(r=cfg.lsp.lora_r, lora_alpha=cfg.lsp.lora_alpha, lora_dropout=0.0,
-                      target_modules=cfg.lsp.lora_target_modules, task_type="CAUSAL_LM")
-    if cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    model = get_peft_model(model, lora)
+    model = add_adapters(model, cfg.peft, seed=cfg.train.seed, gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model, Reference(peft_policy=model)
 
 
@@ -194,8 +188,8 @@ def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
     target = s.run_dir.root / "model"
     tmp = target.with_name("model.tmp")
     unwrapped = s.accelerator.unwrap_model(model)
-    if cfg.lsp.lora_r:
-        unwrapped = unwrapped.merge_and_unload()
+    if cfg.peft.on:
+        unwrapped = merge_adapters(unwrapped, cfg.model)  # into θ_0's weights (a full-precision copy under QLoRA)
     if s.main:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp)

@@ -8,6 +8,8 @@ For iteration t = 0 … T−1, starting from the SFT model θ_0:
 4. train: θ ← θ_t, minimise mean ℓ(λ·[(L_θ(y) − L_θt(y)) − (L_θ(y′) − L_θt(y′))]) (``spin_loss``);
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
+With LoRA (the ``peft:`` section) θ is θ_t plus fresh adapters, merged into θ_{t+1} at step 5.
+
     sparring run configs/spin/tiny.yaml spin.iterations=2
 """
 
@@ -23,6 +25,7 @@ from sparring.config import RunConfig
 from sparring.data import encode
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, spin_loss
+from sparring.modeling import check_peft
 from sparring.state import write_jsonl
 from sparring.training import score_sequences, train
 
@@ -82,6 +85,7 @@ def generated_set(s: stages.Session, t: int, cfg: RunConfig) -> list[dict]:
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
+    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
     stages.evaluate_stage(s, "initial", path=None)
     for t in range(cfg.spin.iterations):

@@ -14,6 +14,8 @@ J_t = [θ_t, θ_{t−1}, …] of the min(t + 1, N_max) newest checkpoints (N_max
    θ_{t−c}, so ``player0`` is SPIN's opponent θ_t;
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
+With LoRA (the ``peft:`` section) θ is θ_t plus fresh adapters, merged into θ_{t+1} at step 5.
+
 The paper's open choices are config switches (docs/algorithms.md): ``tpaw.max_team_size``,
 ``tpaw.every_player_scores_every_row`` (False: D_k's rows only by θ_k), ``tpaw.logprob_reduction``
 (per-token mean for policy and references alike) and ``tpaw.detach_player_weights`` (which changes
@@ -35,6 +37,7 @@ from sparring import stages
 from sparring.config import RunConfig
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tpaw_loss
+from sparring.modeling import check_peft
 from sparring.state import atomic_write_json
 from sparring.training import score_sequences, train
 
@@ -101,7 +104,8 @@ def team_logps(s: stages.Session, policy, t: int, j: int, gen_ids: dict[int, lis
         items = list(zip(s.data.prompt_ids, s.data.real_ids))
         for k in sets:
             items += list(zip(s.data.prompt_ids, gen_ids[k]))
-        model = policy if j == t else stages.load_iterate(s, j)
+        # θ_t: the policy, its fresh LoRA adapters (if any) changing nothing yet; older θ_j: plain models
+        model = policy if j == t else stages.load_iterate(s, j, trainable=False)
         logps = score_sequences(
             model, items, pad_id=s.tokenizer.pad_token_id, batch_size=cfg.train.logprob_batch_size,
             folder=s.run_dir.iteration(t) / f"team_theta{j}.chunks", accelerator=s.accelerator,
@@ -139,6 +143,7 @@ def build_rows(s: stages.Session, members: list[int], gen_ids: dict[int, list[li
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     if cfg.tpaw.max_team_size < 1:
         raise ValueError(f"tpaw.max_team_size must be >= 1, got {cfg.tpaw.max_team_size}")
+    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
     stages.evaluate_stage(s, "initial", path=None)
     for t in range(cfg.tpaw.iterations):

@@ -11,6 +11,8 @@ never regenerated). Then for iteration t = 0 … T−1:
    forward of the 3B sequences per batch;
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
+With LoRA (the ``peft:`` section) θ is θ_t plus fresh adapters, merged into θ_{t+1} at step 5.
+
 At iteration 0, y′ and y₀ are two independent sample sets of θ_0 (different seeds: the generation seed
 is derived from the set's name). β_0 = 0 in the paper, so y₀ does not matter there; drawing it
 separately keeps y₀ a fixed anchor that is not the iteration-0 opponent set.
@@ -27,6 +29,7 @@ from sparring import stages
 from sparring.config import RunConfig
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tspin_loss
+from sparring.modeling import check_peft
 from sparring.state import atomic_write_json, write_jsonl
 from sparring.training import train
 
@@ -88,6 +91,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     betas = [history_weight(cfg.for_iteration(t), t) for t in range(cfg.tspin.iterations)]
     if min(betas) < 0:
         raise ValueError(f"tspin.history_weight must be >= 0, got {betas}")
+    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
     stages.evaluate_stage(s, "initial", path=None)
     for t in range(cfg.tspin.iterations):
