@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The proving-ground experiments behind docs/RESULTS.md (about an hour on 2 CPU cores; resumable).
+results: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(BIN)/sparring experiment configs/experiments/plateau.yaml
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
