@@ -308,3 +308,33 @@ def test_every_rank_stops_and_skips_at_the_same_step_when_only_one_rank_has_caus
     assert ranks[0]["error_calls"] == ranks[1]["error_calls"] == 2
     assert not (tmp_path / "error" / "checkpoints").exists()
 
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ddp.yaml", {}),
+    ("fsdp2.yaml", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+                    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}),
+    ("deepspeed_zero2.yaml", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+    ("deepspeed_zero3.yaml", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                              "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+                              "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}),
+])
+def test_accelerate_profiles_pass_accelerates_own_config_and_launch_checks(name, expected):
+    """Read and validated as `accelerate launch --config_file` does, up to the environment it would
+    give the processes (no GPU, DeepSpeed or launch needed)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = str(REPO / "configs" / "accelerate" / name)
+    assert ClusterConfig.from_yaml_file(path).num_processes == 8  # unknown keys would raise here
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", path, "-m", "sparring.cli", "run"]))
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        assert args.multi_gpu or args.use_fsdp
+        env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert {k: env.get(k) for k in expected} == expected
