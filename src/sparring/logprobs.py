@@ -2,11 +2,11 @@
 
 It serves training, the opponent/team precompute, LSP's policy and reference passes, and scoring.
 
-Only the logits that are scored are ever computed: batches are prompt-aligned (every prompt ends
-at the same column, so the responses share one window of columns), the model's LM head runs on
-that window alone (``logits_to_keep``), and the log-softmax runs over it in chunks of positions
-with a hand-written backward, so no float32 copy of the (B, T, V) logits exists (forward or
-backward). ``plain_sequence_logps`` is the textbook computation the tests compare against.
+Only the logits that are scored are ever computed: the model's LM head runs on the response
+positions alone (``logits_to_keep`` with a per-row boolean mask, so right-padded batches of ragged
+prompts need no extra padding), and the log-softmax runs over them in chunks with a hand-written
+backward, so no float32 copy of the (B, T, V) logits exists (forward or backward).
+``plain_sequence_logps`` is the textbook computation the tests compare against.
 """
 
 from __future__ import annotations
@@ -17,48 +17,51 @@ import torch
 
 
 class Sequences(NamedTuple):
-    """A prompt-aligned batch: left-padded prompts ending at one column, right-padded responses."""
+    """A right-padded batch of prompt+response sequences."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     response_mask: torch.Tensor  # (B, T) 1 on response tokens (what is scored)
-    position_ids: torch.Tensor  # (B, T) 0, 1, … from each row's first real token (as if unpadded)
+    position_ids: torch.Tensor  # (B, T) 0, 1, … along each row
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Sequences:
-    """(prompt ids, response ids) pairs -> one prompt-aligned batch."""
-    width = max(len(p) for p, _ in pairs)  # every response starts at this column
-    length = width + max(len(r) for _, r in pairs)
+    """(prompt ids, response ids) pairs -> one right-padded batch."""
+    length = max(len(p) + len(r) for p, r in pairs)
     ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(pairs), length), dtype=torch.long)
     response = torch.zeros((len(pairs), length), dtype=torch.long)
     for i, (p, r) in enumerate(pairs):
-        start, end = width - len(p), width + len(r)
-        ids[i, start:end] = torch.tensor(p + r, dtype=torch.long)
-        attention[i, start:end] = 1
-        response[i, width:end] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, :n] = 1
+        response[i, len(p) : n] = 1
+    positions = torch.arange(length).expand(len(pairs), length)
     return Sequences(ids, attention, response, positions)
 
 
-def response_window(batch: Sequences) -> torch.Tensor:
-    """Positions t whose next token t+1 is a response token in some row, (K,): the logits needed."""
-    columns = batch.response_mask.any(0).nonzero().flatten()
-    if len(columns) == 0:
-        return columns
-    return torch.arange(int(columns[0]) - 1, int(columns[-1]), device=batch.input_ids.device)
+def scored_positions(batch: Sequences) -> torch.Tensor:
+    """(B, T) bool: positions t whose next token t+1 is a response token — the only logits needed."""
+    keep = torch.zeros_like(batch.response_mask, dtype=torch.bool)
+    keep[:, :-1] = batch.response_mask[:, 1:].bool()
+    return keep
 
 
-def forward_logits(model, batch: Sequences, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits at ``positions`` (all when None), (B, K, V); the LM head runs on those positions only."""
+def forward_logits(model, batch: Sequences, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """All logits (B, T, V), or with ``keep`` (B, T) bool only those, flattened row-major to (N, V);
+    the LM head then runs on those N positions only."""
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=batch.position_ids, use_cache=False)
-    if positions is None:
+    if keep is None:
         return model(**kwargs).logits
+    n = int(keep.sum())
     try:
-        return model(**kwargs, logits_to_keep=positions).logits
-    except TypeError:  # a model class without logits_to_keep: full logits, then the window
-        return model(**kwargs).logits[:, positions]
+        logits = model(**kwargs, logits_to_keep=keep).logits
+        if logits.ndim == 2 and logits.shape[0] == n:
+            return logits
+    except (TypeError, IndexError):  # a model class without per-row logits_to_keep
+        pass
+    return model(**kwargs).logits[keep]
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -117,14 +120,14 @@ def token_logps(
 
 def sequence_logps(model, batch: Sequences, *, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
     """L(z) = Σ_t log π(z_t | x, z_<t) over response tokens, (B,). ``average`` divides by their count."""
-    window = response_window(batch)  # (K,)
-    logits = forward_logits(model, batch, window)  # (B, K, V)
-    targets = batch.input_ids[:, window + 1]  # (B, K)
-    logps = selective_logps(logits, targets, temperature=temperature)  # (B, K)
-    mask = batch.response_mask[:, window + 1].to(logps.dtype)
-    total = (logps * mask).sum(-1)
+    keep = scored_positions(batch)  # (B, T)
+    logits = forward_logits(model, batch, keep)  # (N, V), N scored tokens in the batch
+    targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,) the next tokens, in the same row-major order
+    logps = selective_logps(logits[None], targets[None], temperature=temperature)[0]  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the row of each scored token
+    total = torch.zeros(keep.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
     if average:
-        total = total / mask.sum(-1).clamp(min=1)
+        total = total / keep.sum(-1).clamp(min=1)
     return total
 
 

@@ -13,5 +13,5 @@ class TableModel(torch.nn.Module):
         self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=None):
-        logits = self.table[input_ids]
-        return type("Out", (), {"logits": logits if logits_to_keep is None else logits[:, logits_to_keep]})()
+        logits = self.table[input_ids]  # (B, T, V); a (B, T) bool logits_to_keep flattens, as in transformers
+        return type("Out", (), {"logits": logits if logits_to_keep is None else logits[logits_to_keep]})()

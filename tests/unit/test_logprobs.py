@@ -17,14 +17,12 @@ def by_hand(model: TableModel, prompt: list[int], response: list[int]) -> float:
     return sum(logp[seq[t - 1], seq[t]].item() for t in range(len(prompt), len(seq)))
 
 
-def test_collate_aligns_prompts_and_marks_response_tokens():
-    # Prompts end at one column (left padding), responses follow (right padding); positions count
-    # from each row's first real token, as if the row were alone.
+def test_collate_right_pads_and_marks_response_tokens():
     batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 0, 0], [0, 4, 5, 1, 2]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
-    assert batch.response_mask.tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 1, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 0], [0, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
 def test_sequence_logps_sum_only_response_tokens_excluding_prompt_and_padding():
@@ -36,8 +34,7 @@ def test_sequence_logps_sum_only_response_tokens_excluding_prompt_and_padding():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     # Changing a padding id or a prompt-independent position outside the mask changes nothing.
     batch2 = batch._replace(input_ids=batch.input_ids.clone())
-    batch2.input_ids[0, 5] = 5  # right padding of row 0
-    batch2.input_ids[1, 0] = 5  # left padding of row 1
+    batch2.input_ids[0, 3] = 5  # padding position of row 0
     torch.testing.assert_close(sequence_logps(model, batch2), got)
     mean = sequence_logps(model, batch, average=True)
     torch.testing.assert_close(mean.double(), expected / torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64))
@@ -47,9 +44,9 @@ def test_token_logps_are_zero_outside_the_response():
     model = TableModel()
     batch = collate([([1, 2], [3]), ([4], [5, 1, 2])], pad_id=0)
     per_token = token_logps(model(batch.input_ids).logits, batch.input_ids, batch.response_mask)
-    assert per_token.shape == (2, 4)
-    assert (per_token[0, [0, 2, 3]] == 0).all() and per_token[0, 1] < 0
-    assert (per_token[1, 1:] < 0).all() and per_token[1, 0] == 0
+    assert per_token.shape == (2, 3)
+    assert (per_token[0, [0, 2]] == 0).all() and per_token[0, 1] < 0
+    assert (per_token[1] < 0).all()
 
 
 def test_longer_response_with_same_per_token_logprob_scales_linearly():
@@ -82,9 +79,9 @@ def test_token_logps_at_a_temperature_are_those_of_the_tempered_softmax():
     tempered = token_logps(logits, batch.input_ids, batch.response_mask, temperature=0.5)  # (B, T−1)
     hand = torch.log_softmax(model.table / 0.5, dim=-1)
     for b, (p, r) in enumerate(pairs):
-        seq, start = p + r, 2 - len(p)  # prompts end at column 2
+        seq = p + r
         for t in range(len(p), len(seq)):
-            assert tempered[b, start + t - 1].item() == pytest.approx(hand[seq[t - 1], seq[t]].item(), rel=1e-6)
+            assert tempered[b, t - 1].item() == pytest.approx(hand[seq[t - 1], seq[t]].item(), rel=1e-6)
     assert tempered[0, 0] == 0 and tempered[0, 2] == 0  # still zero outside the response
     torch.testing.assert_close(sequence_logps(model, batch, temperature=0.5), tempered.sum(-1))
     # T = 1 is the default and changes nothing
@@ -92,21 +89,9 @@ def test_token_logps_at_a_temperature_are_those_of_the_tempered_softmax():
                                token_logps(logits, batch.input_ids, batch.response_mask), rtol=0, atol=0)
 
 
-def right_padded(pairs, pad_id):
-    """The old layout (prompt + response, right padding, positions 0…T−1): the plain reference."""
-    length = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((len(pairs), length), pad_id)
-    attention, response = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, r) in enumerate(pairs):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention[i, : len(p) + len(r)] = 1
-        response[i, len(p) : len(p) + len(r)] = 1
-    return ids, attention, response
-
-
 def test_optimized_logps_equal_the_plain_computation_on_a_bpe_vocab_model_with_ragged_lengths():
-    """Window-only LM head + chunked log-softmax == full logits + full float32 log-softmax on the old
-    right-padded layout: values rtol 1e-5, every parameter gradient rtol 1e-4."""
+    """Response-only LM head + chunked log-softmax == full logits + full float32 log-softmax: values
+    rtol 1e-5, every parameter gradient rtol 1e-4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -118,18 +103,18 @@ def test_optimized_logps_equal_the_plain_computation_on_a_bpe_vocab_model_with_r
     pairs = [(torch.randint(1, vocab, (p,), generator=g).tolist(), torch.randint(1, vocab, (r,), generator=g).tolist())
              for p, r in lengths]
 
-    ids, attention, response = right_padded(pairs, 0)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    plain = (torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * response[:, 1:]).sum(-1)
+    batch = collate(pairs, 0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    token = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    plain = (token * batch.response_mask[:, 1:]).sum(-1)
     plain.sum().backward()
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
     import sparring.logprobs as lp
 
-    batch = collate(pairs, 0)
     chunked = lp.selective_logps
-    lp.selective_logps = lambda *a, **k: chunked(*a, **{**k, "chunk_elements": 5 * vocab * 3})  # 3 positions a chunk
+    lp.selective_logps = lambda *a, **k: chunked(*a, **{**k, "chunk_elements": vocab * 4})  # 4 positions a chunk
     try:
         fast = sequence_logps(model, batch)
     finally:
@@ -139,7 +124,7 @@ def test_optimized_logps_equal_the_plain_computation_on_a_bpe_vocab_model_with_r
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(lp.plain_sequence_logps(model, batch), plain.detach(), rtol=1e-5, atol=1e-5)
-    assert len(lp.response_window(batch)) == max(r for _, r in lengths)  # the LM head ran on 14 positions, not 36
+    assert int(lp.scored_positions(batch).sum()) == sum(r for _, r in lengths)  # the LM head's 41 of 5 × 36 positions
 
 
 def test_selective_log_softmax_gradient_is_exact():
