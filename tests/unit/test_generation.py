@@ -91,3 +91,17 @@ def test_batch_seed_depends_on_every_part():
     seeds = {batch_seed(42, "generated", 0, 3), batch_seed(42, "generated", 1, 3),
              batch_seed(42, "proto", 0, 3), batch_seed(43, "generated", 0, 3), batch_seed(42, "generated", 0, 4)}
     assert len(seeds) == 5
+
+
+def test_top_k_zero_really_samples_from_the_whole_vocabulary():
+    """transformers 5 fills top_k=None with its default 50: "off" must reach generate as 0."""
+    import torch
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, layers=1, heads=2, seed=0)
+    with torch.no_grad():  # a near-uniform next-token distribution with distinct logits (ties defeat top-k)
+        model.get_output_embeddings().weight.mul_(0.01)
+    prompts = [encode(tok, [{"role": "user", "content": "x"}])[0]] * 600
+    params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=1)
+    firsts = {c.token_ids[0] for c in HFGenerator(model, tok).generate(prompts, params, seed=0)}
+    assert len(firsts) > 60  # top-50 sampling could give at most 50 distinct tokens

@@ -32,7 +32,7 @@ class HFGenerator:
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         # A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json.
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)  # 0 = off; None would become 50
         gen_config = GenerationConfig(
             do_sample=params.do_sample,
             max_new_tokens=params.max_new_tokens,
