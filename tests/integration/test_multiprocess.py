@@ -179,7 +179,7 @@ def test_generation_and_logprob_passes_cover_every_row_once_across_processes(tmp
             return [Completion(str(p[-1]), [7], True) for p in batch]
 
     def logps(model, seqs, average=False):
-        ids = seqs.input_ids[:, -2].tolist()  # each item's last prompt id, just before its one response id
+        ids = (seqs.input_ids * seqs.response_mask).sum(1).tolist()  # each item's one response id names it
         done["scored"][rank_of[threading.get_ident()]] |= set(ids)
         return torch.tensor(ids, dtype=torch.float64)
 
@@ -191,7 +191,7 @@ def test_generation_and_logprob_passes_cover_every_row_once_across_processes(tmp
         acc = SimpleNamespace(process_index=r, num_processes=2, is_main_process=r == 0, wait_for_everyone=barrier.wait)
         gen = generate_responses(Recorder(), prompts, SamplingParams(), folder=tmp_path / "gen", seed=1, batch_size=4,
                                  accelerator=acc)
-        scores = precompute.score_sequences(torch.nn.Linear(1, 1), [(p, [7]) for p in prompts], pad_id=0,
+        scores = precompute.score_sequences(torch.nn.Linear(1, 1), [(p, [i]) for i, p in enumerate(prompts)], pad_id=0,
                                             batch_size=4, folder=tmp_path / "logps", accelerator=acc)
         results[r] = (gen, scores)
 
