@@ -342,29 +342,17 @@ def build_family(
     for sentencepiece_llama) and pads with the tokenizer's pad token or, where the family has none (the
     tokenizer's pad_token stays None), with the first end-of-sequence id.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    from sparring.tasks.tiny import build_tiny_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = construct_tokenizer(family)
     eos_ids = generation_eos_ids(family, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = build_tiny_model(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads, seed=seed,
+                             max_positions=1024, pad_token_id=pad_id)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],

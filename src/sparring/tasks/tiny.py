@@ -32,8 +32,10 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM sized for CPU tests (0.54M parameters by default)."""
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
+                     max_positions: int = 256, pad_token_id: int | None = None):
+    """A randomly initialised LlamaForCausalLM sized for CPU tests (0.54M parameters by default);
+    ``pad_token_id`` defaults to the tokenizer's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,14 +46,14 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, layers: int = 2, head
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id if pad_token_id is None else pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
