@@ -27,13 +27,10 @@ class PromptScores:
     tokens: list[int]  # its token count
 
     def summary(self) -> dict[str, float]:
-        n = len(self.greedy)
-        out = {"exact_match": sum(self.greedy) / n,
-               "logps_real_per_token": sum(self.logp) / max(sum(self.tokens), 1)}
-        if self.k:
-            out["pass@1"] = sum(c / self.k for c in self.correct) / n
-            out[f"pass@{self.k}"] = sum(pass_at_k(self.k, c, self.k) for c in self.correct) / n
-        return out
+        """Means over prompts; the log-prob is per token over all tokens (long responses weigh more)."""
+        metrics = ["exact_match", *(["pass@1", f"pass@{self.k}"] if self.k else [])]
+        out = {m: sum(v := self.per_prompt(m)) / len(v) for m in metrics}
+        return {**out, "logps_real_per_token": sum(self.logp) / max(sum(self.tokens), 1)}
 
     def per_prompt(self, metric: str) -> list[float]:
         if metric == "exact_match":

@@ -57,7 +57,7 @@ def fmt(mean: float, std: float) -> str:
 
 def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: list, *, wall_seconds: float,
                          command: str) -> Path:
-    from sparring.experiments.plateau import checkpoints, run_dir, validation_score
+    from sparring.experiments.plateau import Job, checkpoints, run_dir, validation_score
 
     base = scores(root / "test" / "theta0.json")
     arms = {a: [j for j in final if j.arm == a] for a in cfg.arms}
@@ -90,8 +90,6 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
               f"{train['pass@1']:.3f} (4 samples, T = 1).", ""]
     lines += ["**Learning rates (validation exact match of the final iterate, seed "
               f"{cfg.seeds[0]}).**", "", "| arm | lr: validation exact match | chosen |", "|---|---|---|"]
-    from sparring.experiments.plateau import Job
-
     for arm in cfg.arms:
         cells = ", ".join(f"{lr:g}: {validation_score(root, Job(arm, lr, cfg.seeds[0]), cfg.iterations):.3f}"
                           for lr in cfg.lr_grid[arm])
