@@ -176,6 +176,15 @@ class LspConfig:
     save_every: int = 50  # K: checkpoint for resume
     sample_every: int = 10  # K: queries and answers written to samples.jsonl
     reward: LspRewardConfig = field(default_factory=LspRewardConfig)
+    # Where the N queries of a step come from. challenger: sampled from π_θ(·|⟨cp⟩) (LSP); data: N
+    # prompts of the lsp.prompts file per step, in a seeded order (the paper's GRPO baseline, solver
+    # loss only: needs lsp.challenger_coef = 0).
+    query_source: Literal["challenger", "data"] = "challenger"
+    prompts: str | None = None  # query_source=data: a jsonl/json/parquet file of messages or prompt rows
+    # Fills the {difficulty} slot of the challenger prompt, cycled over the N queries (query i asks
+    # for difficulties[i mod len]); empty: the prompt is used as it is.
+    difficulties: list[str] = field(default_factory=list)
+    keep_models: bool = False  # save θ at every evaluation step to RUN/models/step{K} (for later scoring)
 
 
 @dataclass
@@ -459,6 +468,20 @@ def _validate_lsp(lsp: LspConfig) -> None:
         raise ConfigError("lsp.query_max_new_tokens, answer_max_new_tokens and judge_max_new_tokens must be >= 1")
     if lsp.kl_coef < 0 or lsp.challenger_coef < 0 or lsp.temperature <= 0:
         raise ConfigError("lsp.kl_coef and lsp.challenger_coef must be >= 0 and lsp.temperature > 0")
+    if lsp.query_source == "data":
+        if not lsp.prompts:
+            raise ConfigError("lsp.query_source=data needs lsp.prompts (a file of messages or prompt rows)")
+        if lsp.challenger_coef != 0:
+            raise ConfigError(
+                "lsp.query_source=data trains the solver only (GRPO on data prompts): there is no challenger to "
+                f"train, so set lsp.challenger_coef=0 (got {lsp.challenger_coef:g})"
+            )
+        if lsp.difficulties:
+            raise ConfigError("lsp.difficulties fills the challenger prompt, which lsp.query_source=data does not use")
+    elif lsp.prompts:
+        raise ConfigError("lsp.prompts is read only with lsp.query_source=data; set it, or remove lsp.prompts")
+    if lsp.difficulties and "{difficulty}" not in (lsp.challenger_prompt or ""):
+        raise ConfigError("lsp.difficulties needs a {difficulty} slot in lsp.challenger_prompt")
     if lsp.reward.kind == "reward_model" and not lsp.reward.reward_model:
         raise ConfigError("lsp.reward.kind=reward_model needs lsp.reward.reward_model (a Hub id or local directory)")
     if lsp.reward.kind == "function" and not lsp.reward.function:

@@ -49,10 +49,61 @@ template are None or empty: then use your own judgement.
 Once more: write one input for the task "{task}", following the template."""
 
 
-def challenger_prompt(lsp: LspConfig) -> str:
-    """⟨cp⟩ with its slots filled; a missing task or template reads "None", as in the paper."""
+def challenger_prompt(lsp: LspConfig, difficulty: str | None = None) -> str:
+    """⟨cp⟩ with its slots filled; a missing task or template reads "None", as in the paper.
+    ``difficulty`` fills the {difficulty} slot (None leaves the text as it is)."""
     text = lsp.challenger_prompt if lsp.challenger_prompt is not None else CHALLENGER_PROMPT
+    if difficulty is not None:
+        text = text.replace("{difficulty}", difficulty)
     return text.replace("{task}", lsp.task or "None").replace("{template}", lsp.template or "None")
+
+
+def query_difficulties(lsp: LspConfig) -> list[str | None]:
+    """The difficulty each of the N queries asks for: lsp.difficulties cycled (query i gets
+    difficulties[i mod len]), or None for every query when the list is empty."""
+    d = lsp.difficulties
+    return [d[i % len(d)] if d else None for i in range(lsp.num_queries)]
+
+
+def load_prompts(source: str) -> list[list[dict]]:
+    """The prompts of ``lsp.prompts`` (query_source=data): per row, the conversation up to the last
+    user turn. Rows: ``messages`` (a trailing assistant turn, the reference answer, is dropped) or
+    ``prompt`` (a string or messages; any ``completion`` is ignored)."""
+    from sparring.data import load_rows
+    from sparring.data.records import DataError
+
+    out = []
+    for number, row in enumerate(load_rows(source, "train")):
+        messages = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
+        if isinstance(messages, str):
+            messages = user_turn(messages)
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "user" and isinstance(messages[-1].get("content"), str)):
+            raise DataError(f"{source} row {number}: expected 'messages' or 'prompt' ending in a user turn")
+        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if len(out) < 1:
+        raise DataError(f"{source} holds no prompts")
+    return out
+
+
+def prompt_indices(num_prompts: int, n: int, *, seed: int, step: int) -> list[int]:
+    """The N prompt indices of LSP step ``step`` (1-based) under query_source=data.
+
+    The order is the concatenation of epoch permutations π_e = shuffle(0..P−1; seed, e), e = 0, 1, …;
+    step t takes positions (t−1)·N … t·N − 1 of it, so every prompt is used once per epoch and the
+    draw is a pure function of (seed, step): a resumed run repeats the uninterrupted one."""
+    import random
+
+    out, perms = [], {}
+    for pos in range((step - 1) * n, step * n):
+        epoch = pos // num_prompts
+        if epoch not in perms:
+            perms[epoch] = list(range(num_prompts))
+            random.Random(batch_seed(seed, "lsp", "prompts", epoch)).shuffle(perms[epoch])
+        out.append(perms[epoch][pos % num_prompts])
+    return out
 
 
 def user_turn(text: str) -> list[dict]:
@@ -71,6 +122,8 @@ class Rollouts:
     answers: list[str]  # N·G
     answers_finished: list[bool]  # N·G, False: cut at lsp.answer_max_new_tokens
     queries_finished: list[bool] | None = None  # N, False: cut at lsp.query_max_new_tokens; None: all finished
+    # N per-query ⟨cp⟩ ids (lsp.difficulties fills each query's prompt); None: challenger_prompt_ids for all
+    challenger_prompts: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.queries_finished is None:
@@ -81,8 +134,9 @@ class Rollouts:
         return len(self.answers) // len(self.queries)
 
     def challenger_sequences(self) -> list[tuple[list[int], list[int]]]:
-        """(⟨cp⟩ prompt, q_i): the challenger is scored on its query, conditioned on ⟨cp⟩."""
-        return [(self.challenger_prompt_ids, q) for q in self.query_ids]
+        """(⟨cp⟩ prompt, q_i): the challenger is scored on its query, conditioned on (its own) ⟨cp⟩."""
+        prompts = self.challenger_prompts or [self.challenger_prompt_ids] * len(self.query_ids)
+        return list(zip(prompts, self.query_ids))
 
     def solver_sequences(self) -> list[tuple[list[int], list[int]]]:
         """(q_i prompt, a_i^j): the solver is scored on its answer, conditioned on q_i alone."""
@@ -98,22 +152,38 @@ def _sample(model, tokenizer, prompts, params: SamplingParams, seed: int, batch_
     return out
 
 
-def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, batch_size: int) -> Rollouts:
-    """Challenger then solver sampling, seeded by (seed, step, role) so a resumed run redraws them."""
+def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, batch_size: int,
+                    prompts: list[list[dict]] | None = None) -> Rollouts:
+    """Challenger (or data prompts) then solver sampling, seeded by (seed, step, role) so a resumed
+    run redraws them.
+
+    ``lsp.query_source=data``: the N queries are ``prompts[prompt_indices(...)]`` (``load_prompts``),
+    each rendered as it is (system turn included); q_i, for the reward, is its last user turn."""
     model.eval()  # the rollout phase; policy_gradient puts the model back in training mode
-    cp_ids, _ = encode(tokenizer, user_turn(challenger_prompt(lsp)))
-    query_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.query_max_new_tokens)
-    queries = _sample(model, tokenizer, [cp_ids] * lsp.num_queries, query_params,
-                      batch_seed(seed, "lsp", step, "challenger"), batch_size)
-    solver_prompts = [encode(tokenizer, user_turn(q.text))[0] for q in queries]
+    if lsp.query_source == "data":
+        if not prompts:
+            raise ValueError("lsp.query_source=data needs the prompts (load_prompts(lsp.prompts))")
+        chosen = [prompts[i] for i in prompt_indices(len(prompts), lsp.num_queries, seed=seed, step=step)]
+        texts = [p[-1]["content"] for p in chosen]
+        solver_prompts = [encode(tokenizer, p)[0] for p in chosen]
+        # No challenger: the query ids are the query text's tokens (for the length metric only).
+        cp_ids, query_ids, finished, per_query = [], [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], [True] * len(texts), None
+    else:
+        per_query = [encode(tokenizer, user_turn(challenger_prompt(lsp, d)))[0] for d in query_difficulties(lsp)]
+        cp_ids = per_query[0]
+        query_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.query_max_new_tokens)
+        queries = _sample(model, tokenizer, per_query, query_params, batch_seed(seed, "lsp", step, "challenger"), batch_size)
+        texts, query_ids, finished = [q.text for q in queries], [q.token_ids for q in queries], [q.finished for q in queries]
+        solver_prompts = [encode(tokenizer, user_turn(t))[0] for t in texts]
+        per_query = per_query if lsp.difficulties else None
     g = lsp.answers_per_query
     answer_params = SamplingParams(temperature=lsp.temperature, max_new_tokens=lsp.answer_max_new_tokens)
     answers = _sample(model, tokenizer, [p for p in solver_prompts for _ in range(g)], answer_params,
                       batch_seed(seed, "lsp", step, "solver"), batch_size)
     return Rollouts(
-        cp_ids, [q.token_ids for q in queries], [q.text for q in queries], solver_prompts,
+        cp_ids, query_ids, texts, solver_prompts,
         [a.token_ids for a in answers], [a.text for a in answers], [a.finished for a in answers],
-        [q.finished for q in queries],
+        finished, per_query,
     )
 
 

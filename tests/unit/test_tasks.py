@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sparring.tasks.problems import ALL_FAMILIES, check, make_problem, make_rows, solve
+from sparring.tasks.problems import ALL_FAMILIES, check, difficulty_of, make_problem, make_rows, solve
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -27,3 +27,55 @@ def test_rows_cycle_through_the_families_without_repeats():
     rows = make_rows(40, seed=3, families=ALL_FAMILIES)
     queries = [r["messages"][0]["content"] for r in rows]
     assert len(set(queries)) == 40 and "least significant digit first" in queries[3]
+
+
+def test_default_difficulty_draws_exactly_the_problems_of_before():
+    # the first rows of a fixed seed as drawn before the difficulty knob existed (other experiments rely on them)
+    rows = make_rows(4, seed=7, families=("add_lsd", "add", "sort", "reverse"))
+    assert [r["messages"][0]["content"] for r in rows] == make_rows_reference()
+    assert make_rows(30, seed=2) == make_rows(30, seed=2, difficulty=None)
+
+
+def make_rows_reference() -> list[str]:
+    rng = random.Random(7)
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    first = f"What is {a} + {b}, least significant digit first?"
+    c, d = rng.randint(0, 99), rng.randint(0, 99)
+    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+    return [first, f"What is {c} + {d}?", f"Sort the digits {' '.join(digits)}.", f"Reverse the word {word}."]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_difficulty_fixes_the_size_and_is_read_back(family, d):
+    rng = random.Random(d)
+    for _ in range(30):
+        query, answer = make_problem(rng, family, difficulty=d)
+        assert solve(query) == answer and difficulty_of(query) == d
+    if family in ("add", "add_lsd"):
+        numbers = [int(x) for x in query.replace(",", " ").replace("?", " ").split() if x.isdigit()]
+        assert all(len(str(n)) == d for n in numbers)
+
+
+def test_difficulty_of_unparseable_is_none_and_bad_difficulties_are_refused():
+    assert difficulty_of("What is 5 + 123?") == 3 and difficulty_of("Tell me a joke.") is None
+    with pytest.raises(ValueError, match="out of range"):
+        make_problem(random.Random(0), "add", difficulty=0)
+    with pytest.raises(ValueError, match="cannot draw"):
+        make_rows(200, seed=0, families=("add",), difficulty=1)  # only 100 one-digit sums exist
+
+
+def test_sft_stops_at_the_first_evaluation_reaching_the_target():
+    from sparring.data import encode
+    from sparring.tasks.sft import challenger_pairs, sft_steps
+    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, hidden_size=16, layers=1, heads=2)
+    encoded = challenger_pairs(tok, [("Ask.", "What is 1 + 1?")] * 4)
+    assert encoded[0] == encode(tok, [{"role": "user", "content": "Ask."}], "What is 1 + 1?")
+    scores = iter([0.1, 0.5, 0.2, 0.9])
+    history = sft_steps(model, tok, encoded, steps=8, lr=1e-3, batch_size=2, seed=0,
+                        evaluate=lambda m: next(scores), eval_every=2, stop_at=0.4)
+    assert [h["step"] for h in history] == [2, 4]  # stopped at 0.5 ≥ 0.4, not trained on

@@ -13,6 +13,10 @@ One model θ plays both roles; π_Ref is the frozen initial model. For step t = 
 The run needs no training data. Rerunning the command resumes from the newest checkpoint; rollouts
 are seeded by (seed, step, role), so a resumed run repeats the uninterrupted one.
 
+``lsp.query_source: data`` replaces step 1 by N prompts of the ``lsp.prompts`` file (a seeded,
+resumable order, ``prompt_indices``) and trains the solver only (α_Ch = 0): the paper's GRPO baseline
+with LSP's reward, KL and group baseline (docs/algorithms.md maps it onto TRL's GRPOTrainer).
+
     sparring run configs/lsp/tiny.yaml lsp.steps=20
 """
 
@@ -24,15 +28,18 @@ from pathlib import Path
 import torch
 
 from sparring import stages
-from sparring.config import LspConfig, RunConfig
+from sparring.config import ConfigError, LspConfig, RunConfig
 from sparring.losses import lsp_advantages
+from sparring.losses.lsp import group_signal
 from sparring.lsp_rollouts import (
     Reference,
     RolloutRewards,
     Rollouts,
     judge_generate,
+    load_prompts,
     make_reward,
     policy_gradient,
+    query_difficulties,
     sample_rollouts,
     score_rewards,
 )
@@ -45,6 +52,9 @@ from sparring.training.optim import linear_schedule, make_optimizer
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
+    if cfg.lsp.keep_models and cfg.peft.on:
+        raise ConfigError("lsp.keep_models saves whole models mid-run; under LoRA (peft:) that would merge the "
+                          "adapters being trained: turn one of them off")
     s = stages.open_session(cfg, force=force, load_data=False)
     if s.accelerator.num_processes > 1:
         raise RuntimeError("LSP runs in a single process for now (launch it without accelerate multi-process)")
@@ -57,6 +67,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     model, reference = build_policy_and_reference(cfg, acc.device)
     reward_fn = make_reward(lsp, device=acc.device, dtype=resolve_dtype(cfg.model.dtype))
     judge = SelfJudge(judge_generate(reference, tok, lsp, cfg.generation.batch_size)) if lsp.variant == "self_reward" else None
+    prompts = load_prompts(lsp.prompts) if lsp.query_source == "data" else None
     optimizer = make_optimizer(model.parameters(), cfg.train)
     # Stepped by hand once per LSP step and saved beside accelerate's state (as in the shared loop).
     scheduler = linear_schedule(optimizer, lsp.steps, cfg.train.warmup_ratio)
@@ -73,7 +84,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     for step in range(start + 1, lsp.steps + 1):
         # 1–2. N challenger queries, G solver answers each, from the current θ
         r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
-                            batch_size=cfg.generation.batch_size)
+                            batch_size=cfg.generation.batch_size, prompts=prompts)
 
         # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
         scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
@@ -93,7 +104,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch)
+        row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch, query_difficulties(lsp))
         row.update({"grad_norm": float(grad_norm), "lr": lr, "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
         if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps):
             s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
@@ -128,10 +139,16 @@ def build_policy_and_reference(cfg: RunConfig, device):
     return model, Reference(peft_policy=model)
 
 
-def step_metrics(r: Rollouts, scored: RolloutRewards, adv, quality, fallbacks, sol: dict, ch: dict | None) -> dict[str, float]:
-    """TRL-like names with the lsp/ prefix (reward = the task reward R, before R_Q and KL)."""
+def step_metrics(r: Rollouts, scored: RolloutRewards, adv, quality, fallbacks, sol: dict, ch: dict | None,
+                 difficulties: list[str | None] | None = None) -> dict:
+    """TRL-like names with the lsp/ prefix (reward = the task reward R, before R_Q and KL).
+
+    Beside the scalars: ``lsp/signal_frac``, the share of groups whose rewards are not all equal
+    (``group_signal``); ``lsp/query_values``, the N values V(q_i) = mean_j R_ij (a list, for
+    histograms); with lsp.difficulties, ``lsp/reward/difficulty=d``, the mean R of the queries asking for d."""
     rewards = scored.rewards
     n, g = rewards.shape
+    signal = group_signal(rewards, scored.keep)
     unjudged = ~torch.tensor(scored.batch.valid).view(n, g) & ~scored.invalid[:, None]  # (N, G)
     row = {
         "lsp/reward": rewards.mean().item(),
@@ -149,7 +166,12 @@ def step_metrics(r: Rollouts, scored: RolloutRewards, adv, quality, fallbacks, s
         "lsp/kl_solver": sol["kl"],
         "lsp/solver_logps": sol["logps"],
         "lsp/solver_loss": sol["loss"],
+        "lsp/signal_frac": signal.float().mean().item(),
+        "lsp/query_values": adv.query_value.tolist(),
     }
+    for d in sorted({d for d in difficulties or [] if d is not None}):
+        rows = [i for i, di in enumerate(difficulties) if di == d]
+        row[f"lsp/reward/difficulty={d}"] = rewards[rows].mean().item()
     if ch is not None:
         row.update({"lsp/kl_challenger": ch["kl"], "lsp/challenger_logps": ch["logps"], "lsp/challenger_loss": ch["loss"]})
     if quality is not None:
@@ -172,10 +194,13 @@ def sample_rows(step: int, r: Rollouts, rewards, quality, adv) -> list[dict]:
 
 
 def evaluate(s: stages.Session, model, step: int) -> None:
-    """Held-out evaluation every ``lsp.eval_every`` steps, at step 0 and at the last step (cached)."""
+    """Held-out evaluation every ``lsp.eval_every`` steps, at step 0 and at the last step (cached);
+    with ``lsp.keep_models`` the policy of each evaluated step > 0 is saved too (``snapshot``)."""
     lsp: LspConfig = s.cfg.lsp
     if step % lsp.eval_every and step != lsp.steps:
         return
+    if lsp.keep_models and step > 0:
+        snapshot(s, model, step)
     was_training = model.training
     scores = stages.evaluate_stage(s, f"step{step}", model=model)
     model.train(was_training)  # evaluation leaves the model in eval mode; the live policy goes on training
@@ -183,13 +208,20 @@ def evaluate(s: stages.Session, model, step: int) -> None:
         print(f"step {step}: held-out exact match {scores['exact_match']:.3f}", flush=True)
 
 
-def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
-    """RUN/model: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
-    target = s.run_dir.root / "model"
-    tmp = target.with_name("model.tmp")
+def snapshot(s: stages.Session, model, step: int) -> Path:
+    """RUN/models/step{step}: the policy (LoRA merged) and tokenizer, written once and renamed into place."""
+    target = s.run_dir.root / "models" / f"step{step}"
+    if not (target / "config.json").exists():
+        save_pretrained(s, model, target)
+    return target
+
+
+def save_pretrained(s: stages.Session, model, target: Path) -> Path:
+    """save_pretrained + tokenizer to ``target`` (LoRA adapters merged into a copy), via a .tmp rename."""
+    tmp = target.with_name(target.name + ".tmp")
     unwrapped = s.accelerator.unwrap_model(model)
-    if cfg.peft.on:
-        unwrapped = merge_adapters(unwrapped, cfg.model)  # into θ_0's weights (a full-precision copy under QLoRA)
+    if s.cfg.peft.on:
+        unwrapped = merge_adapters(unwrapped, s.cfg.model)  # into θ_0's weights (a full-precision copy under QLoRA)
     if s.main:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp)
@@ -197,6 +229,11 @@ def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.replace(target)
     return target
+
+
+def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
+    """RUN/model: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
+    return save_pretrained(s, model, s.run_dir.root / "model")
 
 
 def write_report(s: stages.Session) -> list[dict]:

@@ -139,6 +139,17 @@ def lsp_advantages(
     return LSPAdvantages(solver, challenger, query_value, quality_value, solver_reward, challenger_reward)
 
 
+def group_signal(rewards: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # (N,) bool
+    """Whether query i's group carries a solver signal: its kept rewards are not all equal,
+    max_j R_ij ≠ min_j R_ij over j with keep_ij (a group with under two kept answers has none).
+
+    With a 0/1 verifier of success rate p and G answers, P(signal) = 1 − p^G − (1 − p)^G."""
+    keep = torch.ones_like(rewards, dtype=torch.bool) if keep is None else keep.to(torch.bool)
+    high = torch.where(keep, rewards, torch.full_like(rewards, -torch.inf)).amax(dim=1)
+    low = torch.where(keep, rewards, torch.full_like(rewards, torch.inf)).amin(dim=1)
+    return (keep.sum(dim=1) >= 2) & (high > low)
+
+
 def kl_k3(
     policy_token_logps: torch.Tensor,  # (B, T) log π_θ per token
     ref_token_logps: torch.Tensor,  # (B, T) log π_Ref per token, precomputed, detached here

@@ -10,6 +10,10 @@ Families (each query is one line; the answer is one line):
 
 ``solve(query)`` parses any query of these shapes (also ones the model writes itself, as LSP's
 challenger does) and returns the exact answer, or None when the query is not a task it knows.
+
+Difficulty d (optional; None keeps each family's default ranges): ``add`` / ``add_lsd`` operands of
+exactly d digits (d = 1: 0–9), ``sort`` d digits, ``reverse`` a word of d letters.
+``difficulty_of(query)`` reads d back (for ``add``: the longer operand's digit count).
 """
 
 from __future__ import annotations
@@ -27,25 +31,48 @@ _REVERSE = re.compile(r"^\s*Reverse the word ([a-z]{1,16})\.\s*$")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def make_problem(rng: random.Random, family: str) -> tuple[str, str]:
-    """One (query, answer) pair of the given family, drawn with ``rng``."""
+def _operand(rng: random.Random, default_max: int, difficulty: int | None) -> int:
+    """Uniform on 0..default_max, or on the d-digit numbers 10^(d−1)..10^d − 1 (d = 1: 0..9)."""
+    if difficulty is None:
+        return rng.randint(0, default_max)
+    return rng.randint(0 if difficulty == 1 else 10 ** (difficulty - 1), 10**difficulty - 1)
+
+
+def make_problem(rng: random.Random, family: str, difficulty: int | None = None) -> tuple[str, str]:
+    """One (query, answer) pair of the given family, drawn with ``rng``; ``difficulty`` d (see the
+    module docstring) fixes the operands' digits, the digit count or the word length."""
+    if difficulty is not None and not 1 <= difficulty <= (16 if family == "reverse" else 6):
+        raise ValueError(f"difficulty {difficulty} is out of range for {family!r}")
+    length = (lambda lo, hi: rng.randint(lo, hi)) if difficulty is None else (lambda lo, hi: difficulty)
     if family == "add":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = _operand(rng, 99, difficulty), _operand(rng, 99, difficulty)
         query = f"What is {a} + {b}?"
     elif family == "sort":
-        digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+        digits = [str(rng.randint(0, 9)) for _ in range(length(3, 6))]
         query = f"Sort the digits {' '.join(digits)}."
     elif family == "add_lsd":
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        a, b = _operand(rng, 999, difficulty), _operand(rng, 999, difficulty)
         query = f"What is {a} + {b}, least significant digit first?"
     elif family == "reverse":
-        word = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+        word = "".join(rng.choice(_LETTERS) for _ in range(length(3, 6)))
         query = f"Reverse the word {word}."
     else:
         raise ValueError(f"unknown task family {family!r}; expected one of {ALL_FAMILIES}")
     answer = solve(query)
     assert answer is not None
     return query, answer
+
+
+def difficulty_of(query: str) -> int | None:
+    """d of a parseable query: the longer operand's digits (add, add_lsd), the digit count (sort),
+    the word length (reverse); None when ``solve`` cannot parse it."""
+    if (m := _ADD.match(query)) or (m := _ADD_LSD.match(query)):
+        return max(len(m.group(1)), len(m.group(2)))
+    if m := _SORT.match(query):
+        return len(m.group(1).split())
+    if m := _REVERSE.match(query):
+        return len(m.group(1))
+    return None
 
 
 def solve(query: str) -> str | None:
@@ -69,12 +96,17 @@ def check(query: str, answer: str) -> bool | None:
     return answer.strip() == expected
 
 
-def make_rows(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> list[dict]:
-    """``n`` chat rows in the ``messages`` format, families in turn, distinct queries."""
+def make_rows(n: int, seed: int, families: tuple[str, ...] = FAMILIES, difficulty: int | None = None) -> list[dict]:
+    """``n`` chat rows in the ``messages`` format, families in turn, distinct queries (of
+    ``difficulty``, None: the default ranges). Raises ValueError when there are too few distinct ones."""
     rng = random.Random(seed)
     rows, seen = [], set()
+    attempts = 0
     while len(rows) < n:
-        query, answer = make_problem(rng, families[len(rows) % len(families)])
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct queries of {families} at difficulty {difficulty}")
+        query, answer = make_problem(rng, families[len(rows) % len(families)], difficulty)
         if query in seen:
             continue
         seen.add(query)

@@ -34,12 +34,15 @@ def write_data(cfg: SftConfig) -> tuple[Path, Path]:
 
 
 def sft_steps(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-              batch_size: int, seed: int, evaluate=None, eval_every: int = 0, patience: int = 0) -> list[dict]:
+              batch_size: int, seed: int, evaluate=None, eval_every: int = 0, patience: int = 0,
+              stop_at: float | None = None) -> list[dict]:
     """Masked next-token loss on the responses, AdamW with warm-up and cosine decay over ``steps``.
 
     With ``evaluate(model) -> float`` every ``eval_every`` steps, training stops once ``patience``
     evaluations in a row did not beat the best, and the best weights are put back (early stopping on
-    a validation split). Returns the evaluation history [{"step", "score"}].
+    a validation split). With ``stop_at``, training also stops at the first evaluation scoring
+    ≥ stop_at, keeping those weights (a target reached, e.g. the edge of competence). Returns the
+    evaluation history [{"step", "score", "loss"}].
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -66,9 +69,11 @@ def sft_steps(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *, s
             score = evaluate(model)
             model.train()
             history.append({"step": step + 1, "score": score, "loss": loss.item()})
-            if score > best:
+            if score > best or (stop_at is not None and score >= stop_at):
                 best, waited = score, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if stop_at is not None and score >= stop_at:
+                    break
             else:
                 waited += 1
                 if patience and waited >= patience:
@@ -77,6 +82,12 @@ def sft_steps(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *, s
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def challenger_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Challenger rows, encoded: (challenger prompt as a user turn, a query as the reply) per pair,
+    so the model learns to write queries when prompted with that (slot-filled) prompt."""
+    return [encode(tokenizer, [{"role": "user", "content": prompt}], query) for prompt, query in pairs]
 
 
 def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) -> Path:
@@ -90,8 +101,7 @@ def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) ->
     examples = [parse_row(json.loads(line)) for line in train_path.read_text().splitlines()]
     encoded = [encode(tokenizer, e.prompt, e.real) for e in examples]
     if cfg.challenger_prompt:  # challenger rows: the prompt in, one of the training queries out
-        challenger = [{"role": "user", "content": cfg.challenger_prompt}]
-        encoded += [encode(tokenizer, challenger, e.prompt[-1]["content"]) for e in examples]
+        encoded += challenger_pairs(tokenizer, [(cfg.challenger_prompt, e.prompt[-1]["content"]) for e in examples])
     start = time.time()
     sft_steps(model, tokenizer, encoded, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
     model.eval()
