@@ -58,6 +58,9 @@ class PlateauConfig:
     sft_max_steps: int = 3000
     sft_eval_every: int = 100
     sft_patience: int = 4
+    # What θ0 is fitted on: "subset" (θ0 has seen only the prompts the arms train on) or "pool" (θ0 has
+    # seen all of it, as SPIN's zephyr-7b-sft-full saw all of UltraChat before SPIN used 50k of it).
+    theta0_data: str = "subset"
     iterations: int = 3
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHOD_ARMS})
@@ -81,10 +84,14 @@ def load(path: str | Path, overrides: list[str] | None = None) -> PlateauConfig:
     data = yaml.safe_load(Path(path).read_text()) or {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
+    if data.pop("experiment", "plateau") != "plateau":  # the key `sparring experiment` dispatches on
+        raise ConfigError(f"{path} is not a plateau experiment config")
     cfg = from_dict(PlateauConfig, data)
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; arms are {', '.join(ARMS)}")
+    if cfg.theta0_data not in ("subset", "pool"):
+        raise ConfigError(f"theta0_data must be 'subset' or 'pool', not {cfg.theta0_data!r}")
     missing = [a for a in cfg.arms if a not in cfg.lr_grid]
     if missing:
         raise ConfigError(f"lr_grid has no rates for arm {missing[0]!r}")
@@ -126,7 +133,7 @@ def check(example, answer: str) -> bool:
 
 
 def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path:
-    """SFT from scratch on the subset, early-stopped on validation greedy exact match."""
+    """SFT from scratch on ``theta0_data``, early-stopped on validation greedy exact match."""
     from sparring.evaluation.sampled import score_prompts
     from sparring.state import atomic_write_json
     from sparring.tasks.sft import sft_steps
@@ -139,7 +146,8 @@ def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path
     model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
                              seed=cfg.data_seed)
     subset, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
-    encoded = list(zip(subset.prompt_ids, subset.response_ids))
+    fitted = subset if cfg.theta0_data == "subset" else load_set(paths["pool"], tokenizer)
+    encoded = list(zip(fitted.prompt_ids, fitted.response_ids))
 
     def val_accuracy(m) -> float:
         return score_prompts(m, tokenizer, validation, check, k=0, max_new_tokens=cfg.max_new_tokens,
@@ -255,12 +263,14 @@ def nll_step(model, batch):
     return LossOutput(-logps, {"logps/real": logps.detach().mean()})
 
 
-def run_job(cfg_dict: dict, job: Job, root: str, paths: dict[str, str], theta0: str) -> str:
-    """One (arm, lr, seed) run, in a worker process with one torch thread."""
+def run_job(cfg_dict: dict, job: Job, root: str, paths: dict[str, str], theta0: str, config_cls: type | None = None) -> str:
+    """One (arm, lr, seed) run, in a worker process with one torch thread. ``config_cls``: the dataclass
+    ``cfg_dict`` is read into (default ``PlateauConfig``; another experiment's config with the fields
+    ``method_args`` and ``run_sft_arm`` read)."""
     import torch
 
     torch.set_num_threads(1)
-    cfg = from_dict(PlateauConfig, cfg_dict)
+    cfg = from_dict(config_cls or PlateauConfig, cfg_dict)
     root_p, paths_p, theta0_p = Path(root), {k: Path(v) for k, v in paths.items()}, Path(theta0)
     if job.arm in METHOD_ARMS:
         from sparring.cli import main
