@@ -63,10 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(Path(args.run_dir))
         if args.command == "experiment":
-            from sparring.experiments import plateau
+            import importlib
 
-            cfg = plateau.load(args.config, args.overrides)
-            plateau.run(cfg, command=" ".join(["sparring experiment", args.config, *args.overrides]))
+            import yaml
+
+            # The config's top-level `experiment:` picks the module under sparring.experiments (default
+            # plateau), imported only when chosen; each has load(path, overrides) and run(cfg, *, command).
+            modules = {"plateau": "plateau", "distribution": "distribution", "lsp": "lsp_ground"}
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+            kind = data.get("experiment", "plateau") if isinstance(data, dict) else None
+            if kind not in modules:
+                raise ConfigError(f"unknown experiment {kind!r} in {args.config}; experiments are {', '.join(modules)}")
+            module = importlib.import_module(f"sparring.experiments.{modules[kind]}")
+            cfg = module.load(args.config, args.overrides)
+            module.run(cfg, command=" ".join(["sparring experiment", args.config, *args.overrides]))
             return 0
     except (ConfigError, DataError, FileNotFoundError, RunLocked) as err:
         print(f"error: {err}", file=sys.stderr)

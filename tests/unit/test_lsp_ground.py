@@ -1,0 +1,100 @@
+"""The LSP edge-of-competence experiment's pure pieces: config checks, data splits, per-arm run settings,
+rate choice, the θ0 stopping score, V(q) histograms, the expected signal and the report section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.conftest import REPO
+
+from sparring.config import ConfigError
+from sparring.experiments import lsp_ground as g
+from sparring.experiments.plateau import Job
+from sparring.tasks.problems import difficulty_of
+
+CONFIG = REPO / "configs" / "experiments" / "lsp.yaml"
+
+
+def small(tmp_path, *extra):
+    return g.load(CONFIG, [f"output_dir={tmp_path}", "train_per_difficulty=20", "validation_per_difficulty=5",
+                           "test_per_difficulty=6", f"preset={REPO / 'configs/lsp/tiny.yaml'}", *extra])
+
+
+def test_the_default_config_loads_and_bad_ones_are_refused(tmp_path):
+    cfg = g.load(CONFIG)
+    assert cfg.experiment == "lsp" and cfg.answers_per_query == 16 and len(cfg.seeds) >= 3
+    assert g.eval_steps(cfg)[-1] == cfg.steps
+    for override, message in [("arms=[grpo_gen, ppo]", "unknown arm 'ppo'"), ("challenger_prompt=Ask.", "{difficulty}"),
+                              ("steps=50", "multiple of eval_every"), ("lr_grid=[]", "non-empty")]:
+        with pytest.raises(ConfigError, match=message):
+            g.load(CONFIG, [override])
+
+
+def test_data_splits_are_disjoint_and_of_the_asked_difficulties(tmp_path):
+    cfg = small(tmp_path)
+    paths = g.write_data(cfg, tmp_path)
+    queries = {}
+    for name, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        queries[name] = {r["messages"][0]["content"] for r in rows}
+        sizes = {"train": 20, "validation": 5, "test": 6}[name]
+        assert len(rows) == sizes * len(cfg.difficulties)
+        assert {difficulty_of(q) for q in queries[name]} == set(cfg.difficulties)
+    assert not (queries["train"] & queries["test"]) and not (queries["validation"] & queries["test"])
+    assert not (queries["train"] & queries["validation"])
+
+
+@pytest.mark.parametrize("arm", ["grpo_gen", "lsp_zero", "lsp", "grpo_data"])
+def test_every_rl_arm_is_a_valid_lsp_run_with_its_own_settings(tmp_path, arm):
+    cfg = small(tmp_path)
+    paths = g.write_data(cfg, tmp_path)
+    run = g.lsp_run_config(cfg, Job(arm, 3e-4, 2), tmp_path / "run", paths, tmp_path / "theta0")
+    lsp = run.lsp
+    assert (lsp.num_queries, lsp.answers_per_query, lsp.steps) == (cfg.num_queries, cfg.answers_per_query, cfg.steps)
+    assert run.train.lr == 3e-4 and run.train.seed == run.generation.seed == 2 and lsp.keep_models
+    assert run.eval.source == str(paths["validation"])  # learning rates are picked on validation
+    assert lsp.challenger_coef == (0.0 if arm in ("grpo_gen", "grpo_data") else 1.0)
+    assert lsp.variant == ("self_reward" if arm == "lsp" else "zero")
+    if arm == "grpo_data":
+        assert lsp.query_source == "data" and lsp.prompts == str(paths["train"]) and lsp.difficulties == []
+    else:
+        assert lsp.query_source == "challenger" and lsp.difficulties == [str(d) for d in cfg.difficulties]
+        assert lsp.challenger_prompt == cfg.challenger_prompt
+
+
+def test_the_challenger_prompt_is_filled_alike_in_sft_and_in_the_runs(tmp_path):
+    from sparring.lsp_rollouts import challenger_prompt
+
+    cfg = small(tmp_path)
+    run = g.lsp_run_config(cfg, Job("lsp_zero", 1e-4, 0), tmp_path / "run", g.write_data(cfg, tmp_path), tmp_path)
+    assert g.fill(cfg, 4) == challenger_prompt(run.lsp, "4") and "{difficulty}" not in g.fill(cfg, 4)
+
+
+def test_rate_choice_prefers_the_best_then_the_smaller_rate():
+    assert g.choose_rate({1e-4: 0.2, 3e-4: 0.3}) == 3e-4
+    assert g.choose_rate({1e-4: 0.3, 3e-4: 0.3}) == 1e-4
+    assert g.choose_rate({1e-4: None, 3e-4: 0.0}) == 3e-4
+
+
+def test_edge_score_needs_a_valid_challenger():
+    assert g.edge_score(0.45, 0.95, 0.9) == 0.45
+    assert g.edge_score(0.45, 0.85, 0.9) == 0.0
+
+
+def test_value_histogram_separates_the_no_signal_ends():
+    h = g.value_histogram([0.0, 0.0, 0.1, 0.5, 0.9, 1.0, 1.0, 1.0])
+    assert h == [2 / 8, 1 / 8, 1 / 8, 1 / 8, 3 / 8]
+    assert g.value_histogram([]) == [0.0] * 5
+
+
+def test_expected_signal_is_one_minus_p_g_minus_q_g():
+    assert g.expected_signal([0, 4], k=4, g=16) == 0.0  # always wrong or always right: no signal
+    assert g.expected_signal([2], k=4, g=2) == pytest.approx(1 - 0.25 - 0.25)
+
+
+def test_replace_section_keeps_the_rest_and_appends_when_absent():
+    text = "# R\n\n<!-- lsp:start -->\nold\n<!-- lsp:end -->\nafter\n"
+    new = g.replace_section(text, "<!-- lsp:start -->\nnew\n<!-- lsp:end -->")
+    assert new == "# R\n\n<!-- lsp:start -->\nnew\n<!-- lsp:end -->\nafter\n"
+    assert g.replace_section("# R\n", "S") == "# R\n\nS\n"
