@@ -65,14 +65,17 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
                for t, _ in checkpoints(root, jobs[0], cfg.iterations)} for a, jobs in arms.items()}
     k = cfg.eval_k
     lines = [START, "## Limited-data plateau (SPIN, T-SPIN, TPAW vs continued SFT)", ""]
+    fitted = (f"{cfg.subset} of {cfg.pool} examples" if cfg.theta0_data == "subset" else
+              f"all {cfg.pool} examples (the arms' {cfg.subset} prompts among them, as SPIN's SFT model had seen "
+              "the prompts SPIN then used)")
     lines += [
-        "**Question (fixed before running).** From θ0 = SFT on "
-        f"{cfg.subset} of {cfg.pool} examples, early-stopped on a validation split, does SPIN, T-SPIN or "
-        "TPAW raise held-out test accuracy beyond θ0 and beyond continued SFT on the same examples with "
-        f"SPIN's optimizer steps? Does T-SPIN on {cfg.subset} match SFT on all {cfg.pool}?", "",
+        f"**Question (fixed before running).** From θ0 = SFT on {fitted}, early-stopped on a validation split, "
+        f"does SPIN, T-SPIN or TPAW on {cfg.subset} examples raise held-out test accuracy beyond θ0 and beyond "
+        f"continued SFT on the same {cfg.subset} examples with SPIN's optimizer steps? Does T-SPIN on "
+        f"{cfg.subset} match SFT on all {cfg.pool} (arm sft_all)?", "",
         f"**Setup.** Tasks {', '.join(cfg.families)} (one family per row in turn); validation {cfg.validation}, "
         f"test {cfg.test} prompts, disjoint. Model: the proving ground's character-level Llama "
-        f"(hidden {cfg.hidden_size}, {cfg.layers} layers). θ0: SFT from scratch (AdamW lr {cfg.sft_lr:g}, batch "
+        f"(hidden {cfg.hidden_size}, {cfg.layers} layers). θ0: SFT from scratch on the {'subset' if cfg.theta0_data == 'subset' else 'whole pool'} (AdamW lr {cfg.sft_lr:g}, batch "
         f"{cfg.sft_batch_size}, cosine over {cfg.sft_max_steps} steps), validation greedy exact match every "
         f"{cfg.sft_eval_every} steps, stopped after {cfg.sft_patience} evaluations without a new best, best "
         f"weights kept. Arms from θ0, {cfg.iterations} iterations, {cfg.epochs} epochs, batch {cfg.batch_size}, "
@@ -86,7 +89,7 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
     curve = ", ".join(f"{h['step']}: {h['score']:.3f}" for h in history["history"])
     train = history["train"]
     lines += [f"θ0: validation exact match {best['score']:.3f} at step {best['step']} (SFT curve: {curve}). "
-              f"On its own {cfg.subset} training prompts: greedy {train['exact_match']:.3f}, sampled pass@1 "
+              f"On the arms' {cfg.subset} training prompts (which θ0 was fitted on): greedy {train['exact_match']:.3f}, sampled pass@1 "
               f"{train['pass@1']:.3f} (4 samples, T = 1).", ""]
     lines += ["**Learning rates (validation exact match of the final iterate, seed "
               f"{cfg.seeds[0]}).**", "", "| arm | lr: validation exact match | chosen |", "|---|---|---|"]
