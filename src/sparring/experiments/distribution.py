@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparring.config import ConfigError, ModelConfig, from_dict
+from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
 from sparring.experiments.plateau import Job, checkpoints, load_set, parallel, run_dir, run_job
 
 ARMS = ("sft", "spin", "tspin", "tpaw")
@@ -84,24 +85,9 @@ class DistributionConfig:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> DistributionConfig:
-    import yaml
-
-    from sparring.config import _set_dotted, parse_overrides
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    cfg = from_dict(DistributionConfig, data)
-    if cfg.experiment != "distribution":
-        raise ConfigError(f"experiment: {cfg.experiment!r} is not the distribution experiment")
-    unknown = sorted(set(cfg.arms) - set(ARMS))
-    if unknown:
-        raise ConfigError(f"unknown arm {unknown[0]!r}; arms are {', '.join(ARMS)}")
+    cfg = read_config(DistributionConfig, path, overrides, name="distribution", arms=ARMS, default="distribution")
     if "sft" not in cfg.arms:
         raise ConfigError("the arms must include the control 'sft'")
-    missing = [a for a in cfg.arms if a not in cfg.lr_grid]
-    if missing:
-        raise ConfigError(f"lr_grid has no rates for arm {missing[0]!r}")
     if 1.0 not in cfg.temperatures:
         raise ConfigError("temperatures must include 1.0 (θ0's point on its own frontier)")
     return cfg
@@ -154,16 +140,12 @@ def real_answer_share(model, tokenizer, data) -> float:
 def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) -> Path:
     """SFT from scratch on the training prompts, early-stopped on validation mean exact TV at T = 1."""
     from sparring.evaluation.heldout import EvalSet
-    from sparring.state import atomic_write_json
     from sparring.tasks.sft import sft_steps
-    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
 
     target = root / "theta0"
     if (target / "config.json").exists():
         return target
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
-                             seed=cfg.data_seed)
+    tokenizer, model = new_tiny_model(cfg)
     train, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
     start = time.time()
     history = sft_steps(model, tokenizer, list(zip(train.prompt_ids, train.response_ids)), steps=cfg.sft_max_steps,
@@ -176,13 +158,8 @@ def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) ->
     seen = EvalSet(train.examples[:k], train.prompt_ids[:k], train.response_ids[:k])
     on_train = {**exact_at_1(model, tokenizer, seen, cfg).summary(), "real_answer_share": real_answer_share(
         model, tokenizer, seen)}
-    tmp = target.with_name("theta0.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     best = min(history, key=lambda h: h["tv"])
-    atomic_write_json(tmp / "sft_history.json", {"history": history, "best": best, "train": on_train,
-                                                  "seconds": round(time.time() - start, 1)})
-    tmp.replace(target)
+    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start)
     print(f"θ0: best validation exact TV {best['tv']:.3f} at step {best['step']}", flush=True)
     return target
 
@@ -298,11 +275,7 @@ def run(cfg: DistributionConfig, *,
                           str(iterate_score_path(root, job, t))))
     scores(tests)
 
-    # Wall time over every invocation (a resumed experiment adds to it).
-    wall = root / "wall_seconds.json"
-    total = (json.loads(wall.read_text()) if wall.exists() else 0.0) + time.time() - started
-    wall.write_text(json.dumps(total))
-    return write_report(cfg, root, theta0, chosen, final, wall_seconds=total, command=command)
+    return write_report(cfg, root, theta0, chosen, final, wall_seconds=add_wall_time(root, started), command=command)
 
 
 # 6. report -----------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
+from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
 from sparring.experiments.plateau import Job, check, load_set, parallel, run_dir
 from sparring.state import RunDir
 
@@ -105,17 +106,7 @@ class LspGroundConfig:
 
 def load(path: str | Path, overrides: list[str] | None = None) -> LspGroundConfig:
     """The experiment config from YAML plus dotted overrides, checked."""
-    import yaml
-
-    from sparring.config import _set_dotted, parse_overrides
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    cfg = from_dict(LspGroundConfig, data)
-    unknown = sorted(set(cfg.arms) - set(ARMS))
-    if unknown:
-        raise ConfigError(f"unknown arm {unknown[0]!r}; arms are {', '.join(ARMS)}")
+    cfg = read_config(LspGroundConfig, path, overrides, name="lsp", arms=ARMS, default="lsp")
     if not cfg.lr_grid or not cfg.seeds or not cfg.difficulties:
         raise ConfigError("lr_grid, seeds and difficulties must be non-empty")
     if "{difficulty}" not in cfg.challenger_prompt:
@@ -216,16 +207,12 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
     """SFT from scratch until validation sampled pass@1 ≥ target_pass1 with challenger validity ≥
     min_validity (the first such evaluation's weights), else the best by ``edge_score``."""
     from sparring.evaluation.sampled import score_prompts
-    from sparring.state import atomic_write_json
     from sparring.tasks.sft import sft_steps
-    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
 
     target = root / "theta0"
     if (target / "config.json").exists():
         return target
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
-                             seed=cfg.data_seed)
+    tokenizer, model = new_tiny_model(cfg)
     train, validation = load_set(paths["train"], tokenizer), load_set(paths["validation"], tokenizer)
     records: list[dict] = []
 
@@ -248,14 +235,8 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
     chosen = max(range(len(history)), key=lambda i: (history[i]["score"] >= cfg.target_pass1, history[i]["score"]))
     if history[chosen]["score"] >= cfg.target_pass1:
         chosen = next(i for i, h in enumerate(history) if h["score"] >= cfg.target_pass1)
-    tmp = target.with_name("theta0.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / "sft_history.json", {
-        "history": records, "chosen": records[chosen], "reached": history[chosen]["score"] >= cfg.target_pass1,
-        "seconds": round(time.time() - start, 1)})
-    tmp.replace(target)
-    return target
+    return save_theta0(model, tokenizer, target, {
+        "history": records, "chosen": records[chosen], "reached": history[chosen]["score"] >= cfg.target_pass1}, start)
 
 
 def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root: Path) -> dict:
@@ -442,10 +423,8 @@ def run(cfg: LspGroundConfig, *, command: str = "sparring experiment configs/exp
               for j in final for k in eval_steps(cfg)]
     parallel(score_job, tests, cfg.workers)
 
-    wall = root / "wall_seconds.json"  # over every invocation (a resumed experiment adds to it)
-    total = (json.loads(wall.read_text()) if wall.exists() else 0.0) + time.time() - started
-    wall.write_text(json.dumps(total))
-    return write_report(cfg, root, theta0, probe, chosen, final, wall_seconds=total, command=command)
+    return write_report(cfg, root, theta0, probe, chosen, final, wall_seconds=add_wall_time(root, started),
+                        command=command)
 
 
 # 6. report -----------------------------------------------------------------------------------------

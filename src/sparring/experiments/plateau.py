@@ -34,6 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
+from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
 
 ARMS = ("sft", "sft_all", "spin", "tspin", "tpaw")
 METHOD_ARMS = ("spin", "tspin", "tpaw")
@@ -77,24 +78,9 @@ class PlateauConfig:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> PlateauConfig:
-    import yaml
-
-    from sparring.config import _set_dotted, parse_overrides
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    if data.pop("experiment", "plateau") != "plateau":  # the key `sparring experiment` dispatches on
-        raise ConfigError(f"{path} is not a plateau experiment config")
-    cfg = from_dict(PlateauConfig, data)
-    unknown = sorted(set(cfg.arms) - set(ARMS))
-    if unknown:
-        raise ConfigError(f"unknown arm {unknown[0]!r}; arms are {', '.join(ARMS)}")
+    cfg = read_config(PlateauConfig, path, overrides, name="plateau", arms=ARMS, default="plateau")
     if cfg.theta0_data not in ("subset", "pool"):
         raise ConfigError(f"theta0_data must be 'subset' or 'pool', not {cfg.theta0_data!r}")
-    missing = [a for a in cfg.arms if a not in cfg.lr_grid]
-    if missing:
-        raise ConfigError(f"lr_grid has no rates for arm {missing[0]!r}")
     return cfg
 
 
@@ -135,16 +121,12 @@ def check(example, answer: str) -> bool:
 def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path:
     """SFT from scratch on ``theta0_data``, early-stopped on validation greedy exact match."""
     from sparring.evaluation.sampled import score_prompts
-    from sparring.state import atomic_write_json
     from sparring.tasks.sft import sft_steps
-    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
 
     target = root / "theta0"
     if (target / "config.json").exists():
         return target
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
-                             seed=cfg.data_seed)
+    tokenizer, model = new_tiny_model(cfg)
     subset, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
     fitted = subset if cfg.theta0_data == "subset" else load_set(paths["pool"], tokenizer)
     encoded = list(zip(fitted.prompt_ids, fitted.response_ids))
@@ -157,16 +139,11 @@ def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path
     history = sft_steps(model, tokenizer, encoded, steps=cfg.sft_max_steps, lr=cfg.sft_lr,
                         batch_size=cfg.sft_batch_size, seed=cfg.data_seed, evaluate=val_accuracy,
                         eval_every=cfg.sft_eval_every, patience=cfg.sft_patience)
-    tmp = target.with_name("theta0.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     best = max(history, key=lambda h: h["score"])
     # θ0 must still often be wrong on its own training prompts (sampled), or self-play has nothing to fix.
     on_train = score_prompts(model, tokenizer, subset, check, k=4, max_new_tokens=cfg.max_new_tokens,
                              batch_size=cfg.eval_batch_size).summary()
-    atomic_write_json(tmp / "sft_history.json", {"history": history, "best": best, "train": on_train,
-                                                  "seconds": round(time.time() - start, 1)})
-    tmp.replace(target)
+    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start)
     print(f"θ0: best validation exact match {best['score']:.3f} at step {best['step']}", flush=True)
     return target
 
@@ -358,8 +335,5 @@ def run(cfg: PlateauConfig, *, command: str = "sparring experiment configs/exper
 
     from sparring.experiments.report import write_plateau_report
 
-    # Wall time over every invocation (a resumed experiment adds to it).
-    wall = root / "wall_seconds.json"
-    total = (json.loads(wall.read_text()) if wall.exists() else 0.0) + time.time() - started
-    wall.write_text(json.dumps(total))
-    return write_plateau_report(cfg, root, theta0, chosen, final, wall_seconds=total, command=command)
+    return write_plateau_report(cfg, root, theta0, chosen, final, wall_seconds=add_wall_time(root, started),
+                                command=command)

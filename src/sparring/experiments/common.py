@@ -1,0 +1,75 @@
+"""What the experiments share: reading their config, the tiny θ0 each fits first, the wall clock.
+
+Every experiment module has ``load(path, overrides)`` (via ``read_config``) and ``run(cfg, *, command)``;
+``sparring experiment CONFIG`` picks the module from the config's top-level ``experiment:`` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from sparring.config import ConfigError, from_dict
+
+
+def read_config(cls, path: str | Path, overrides: list[str] | None, *, name: str, arms: tuple[str, ...],
+                default: str | None = None):
+    """``cls`` from the YAML at ``path`` plus dotted ``overrides``; refuses a config of another experiment
+    (its ``experiment:`` key, ``default`` when absent), unknown arms and, where ``lr_grid`` is a mapping,
+    an arm without rates."""
+    import yaml
+
+    from sparring.config import _set_dotted, parse_overrides
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment settings")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    has_field = "experiment" in {f.name for f in dataclasses.fields(cls)}
+    kind = data.get("experiment", default) if has_field else data.pop("experiment", default)
+    if kind != name:
+        raise ConfigError(f"{path} is not a {name} experiment config (experiment: {kind!r})")
+    cfg = from_dict(cls, data)
+    unknown = sorted(set(cfg.arms) - set(arms))
+    if unknown:
+        raise ConfigError(f"unknown arm {unknown[0]!r}; arms are {', '.join(arms)}")
+    grid = getattr(cfg, "lr_grid", None)
+    missing = [a for a in cfg.arms if a not in grid] if isinstance(grid, dict) else []
+    if missing:
+        raise ConfigError(f"lr_grid has no rates for arm {missing[0]!r}")
+    return cfg
+
+
+def new_tiny_model(cfg):
+    """(tokenizer, model): the proving ground's character tokenizer and a fresh tiny Llama of the config's
+    ``hidden_size`` / ``layers`` / ``heads``, initialised from ``data_seed``."""
+    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return tokenizer, build_tiny_model(tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
+                                       seed=cfg.data_seed)
+
+
+def save_theta0(model, tokenizer, target: Path, history: dict, started: float) -> Path:
+    """θ0 (save_pretrained + tokenizer + ``sft_history.json`` with its SFT seconds) written beside
+    ``target`` and renamed into place, so a directory with config.json is always complete."""
+    from sparring.state import atomic_write_json
+
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "sft_history.json", {**history, "seconds": round(time.time() - started, 1)})
+    tmp.replace(target)
+    return target
+
+
+def add_wall_time(root: Path, started: float) -> float:
+    """Seconds spent on this experiment over every invocation (a resumed one adds to it): kept in
+    ``root/wall_seconds.json``."""
+    wall = root / "wall_seconds.json"
+    total = (json.loads(wall.read_text()) if wall.exists() else 0.0) + time.time() - started
+    wall.write_text(json.dumps(total))
+    return total
