@@ -111,6 +111,8 @@ class SpinConfig:
     mix_previous: int = 1  # synthetic sets of this many earlier iterations are added to the new one
     # Iteration 0 takes y′ from the data when rows carry one (the released SPIN_iter0 format).
     use_dataset_generated: bool = True
+    # Extension, not the paper's method: + nll_coef · per-token NLL of the real y (RPO; TRL's rpo_alpha).
+    nll_coef: float = 0.0
 
 
 @dataclass
@@ -136,6 +138,8 @@ class TpawConfig:
     detach_player_weights: bool = True
     every_player_scores_every_row: bool = True  # False: a row is scored only by the player that generated it
     logprob_reduction: Literal["sum", "mean"] = "sum"  # L_φ(z) summed (SPIN/DPO convention) or averaged
+    # Extension, not the paper's method: + nll_coef · per-token NLL of the real y (as spin.nll_coef).
+    nll_coef: float = 0.0
 
 
 @dataclass
@@ -435,7 +439,7 @@ def validate(cfg: RunConfig) -> None:
             if key.startswith(("per_iteration", "peft.")) or key in ("method", "output_dir", "peft"):
                 raise ConfigError(f"per_iteration.{iteration}: '{key}' cannot change per iteration")
             _check_key(base, key, iteration)
-        cfg.for_iteration(iteration)  # type-checks the override values
+        _check_nll_coefs(cfg.for_iteration(iteration), f"per_iteration.{iteration}: ")  # also type-checks
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
@@ -446,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("spin.iterations must be >= 1")
     if cfg.spin.mix_previous < 0:
         raise ConfigError("spin.mix_previous must be >= 0")
+    _check_nll_coefs(cfg)
     if cfg.generation.on_truncated == "penalize" and cfg.method != "lsp":
         raise ConfigError(
             "generation.on_truncated=penalize gives truncated answers the lowest reward, which only a rewarded "
@@ -453,6 +458,12 @@ def validate(cfg: RunConfig) -> None:
         )
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
+
+
+def _check_nll_coefs(cfg: RunConfig, where: str = "") -> None:
+    for name, coef in (("spin.nll_coef", cfg.spin.nll_coef), ("tpaw.nll_coef", cfg.tpaw.nll_coef)):
+        if not coef >= 0:  # NaN is refused too
+            raise ConfigError(f"{where}{name} must be >= 0 (0 turns the NLL term off), got {coef}")
 
 
 def _validate_lsp(lsp: LspConfig) -> None:

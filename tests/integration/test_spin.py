@@ -174,3 +174,14 @@ def test_y_prime_trains_on_the_sampled_ids_and_a_truncated_one_gets_no_end_of_tu
     assert len(seen[0]) == (len(samples) if policy == "keep" else len(samples) - sum(truncated))
     same = sum(r.generated_ids == r.real_ids for r in seen[0])  # zero-gradient pairs, counted
     assert state["stages"]["iter0"]["pairs_generated_equals_real"] == same
+
+
+def test_nll_term_is_logged_and_added_to_the_loss(tiny_ground, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", CONFIG, *tiny_overrides(tiny_ground, out), *SMALL, "spin.iterations=1", "spin.nll_coef=1.0"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert train_rows and all(r["nll/real"] > 0 for r in train_rows)
+    # First step: policy = opponent, so the pair term is log 2 and the loss is log 2 + 1.0 · NLL(y).
+    assert train_rows[0]["loss"] == pytest.approx(0.693147 + train_rows[0]["nll/real"], abs=1e-4)

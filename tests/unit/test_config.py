@@ -85,6 +85,19 @@ def test_cross_field_validation():
         load_config(None, ["train.warmup_ratio=1.5"])
 
 
+def test_nll_coefs_default_off_and_refuse_negative_values(tmp_path):
+    cfg = load_config(None)
+    assert cfg.spin.nll_coef == 0.0 and cfg.tpaw.nll_coef == 0.0  # the papers' losses unless asked
+    assert load_config(None, ["spin.nll_coef=1.0", "tpaw.nll_coef=0.5"]).spin.nll_coef == 1.0
+    for key in ("spin.nll_coef", "tpaw.nll_coef"):
+        with pytest.raises(ConfigError, match=rf"{key} must be >= 0"):
+            load_config(None, [f"{key}=-0.1"])
+        with pytest.raises(ConfigError, match=rf"{key} must be >= 0"):
+            load_config(None, [f"{key}=.nan"])
+    with pytest.raises(ConfigError, match=r"per_iteration\.2: spin\.nll_coef must be >= 0"):
+        load_config(write(tmp_path, {"per_iteration": {2: {"spin.nll_coef": -1.0}}}))
+
+
 def test_paper_preset_encodes_the_spin_schedule():
     cfg = load_config("configs/spin/zephyr-7b.yaml")
     assert cfg.model.revision == "ac6e600eefcce74f5e8bae1035d4f66019e93190"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.unit.trl_dpo import bare_dpo_trainer, last_metrics
 
-from sparring.losses import spin_loss
+from sparring.losses import pair_loss, spin_loss
 
 F64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -276,3 +276,117 @@ def test_spin_loss_equals_trl_dpo_loss(loss_type: str) -> None:
     for trl_name, our_name in names.items():
         expected = pytest.approx(trl_metrics[trl_name], rel=1e-7, abs=1e-12)
         assert ours.metrics[our_name].item() == expected, our_name
+
+
+# --- the NLL term on y (spin.nll_coef; RPO-style extension, not the paper's method) ----------------
+
+
+def test_nll_term_worked_example() -> None:
+    # Row 0 is the spec's example (λz = 0.4), |y| = 4; row 1 sits at θ = θ_t (log 2), |y| = 2. c = 0.5.
+    # NLL = (10 + 6) / (4 + 2) = 8/3, a token mean over the batch (TRL's normalisation).
+    pr, pg = t(-10.0, -6.0, grad=True), t(-20.0, -9.0, grad=True)
+    tokens = torch.tensor([4, 2])
+    out = spin_loss(pr, pg, t(-12.0, -6.0), t(-18.0, -9.0), scale=0.1, nll_coef=0.5, real_tokens=tokens)
+    assert out.metrics["nll/real"].item() == pytest.approx(8 / 3, rel=1e-14)
+    # mean loss = (softplus(−0.4) + log 2)/2 + 0.5 · 8/3 = 0.6030812 + 1.3333333
+    assert out.loss.mean().item() == pytest.approx(1.936414549813282, rel=1e-12)
+    # each row carries its share B·(−L_θ(y_i))/Σ|y|: 0.5·2·10/6 and 0.5·2·6/6
+    torch.testing.assert_close(out.loss.detach(), t(0.5130152523999526 + 5 / 3, math.log(2) + 1.0), **TOL)
+    g_real, g_gen = grads(out.loss.mean(), pr, pg)
+    # ∂/∂pr_i = −λσ(−λz_i)/B − c/Σ|y|; the NLL term gives y′ no gradient
+    torch.testing.assert_close(g_real, t(-0.10339895032771074, -0.025 - 0.5 / 6), **TOL)
+    torch.testing.assert_close(g_gen, t(0.0200656169943774, 0.025), **TOL)
+
+
+def test_nll_term_is_the_per_token_nll_and_adds_linearly() -> None:
+    pr, pg, opr, opg = random_logps(6, seed=3)
+    tokens = torch.tensor([3, 9, 1, 4, 12, 7])
+    base = spin_loss(pr, pg, opr, opg, scale=0.1)
+    for coef in (0.25, 1.0, 4.0):
+        out = spin_loss(pr, pg, opr, opg, scale=0.1, nll_coef=coef, real_tokens=tokens)
+        nll = -pr.sum() / tokens.sum()
+        torch.testing.assert_close(out.metrics["nll/real"], nll, **TOL)
+        torch.testing.assert_close(out.loss.mean(), base.loss.mean() + coef * nll, **TOL)
+        assert {k: v for k, v in out.metrics.items() if k != "nll/real"} == base.metrics
+
+
+def test_nll_coef_zero_is_bitwise_the_paper_loss() -> None:
+    pr, pg, opr, opg = random_logps(8, seed=11)
+    pr.requires_grad_(True)
+    tokens = torch.arange(1, 9)
+    for kind in ("sigmoid", "hinge"):
+        plain = spin_loss(pr, pg, opr, opg, scale=0.1, kind=kind)
+        off = spin_loss(pr, pg, opr, opg, scale=0.1, kind=kind, nll_coef=0.0, real_tokens=tokens)
+        # the pre-switch formula, written out
+        before = pair_loss(0.1 * ((pr - opr) - (pg - opg)), kind)
+        assert torch.equal(off.loss, plain.loss) and torch.equal(off.loss, before)
+        assert torch.equal(grads(off.loss.mean(), pr)[0], grads(before.mean(), pr)[0])
+        assert off.metrics.keys() == plain.metrics.keys() and "nll/real" not in off.metrics
+        assert all(torch.equal(off.metrics[k], plain.metrics[k]) for k in plain.metrics)
+
+
+def test_nll_term_needs_token_counts_of_the_right_shape() -> None:
+    pr, pg, opr, opg = random_logps(3, seed=5)
+    with pytest.raises(ValueError, match="real_tokens"):
+        spin_loss(pr, pg, opr, opg, scale=0.1, nll_coef=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        spin_loss(pr, pg, opr, opg, scale=0.1, nll_coef=1.0, real_tokens=torch.tensor([1, 2]))
+
+
+def trl_rpo_loss(
+    token_chosen: torch.Tensor,  # (B, T) per-token log-probs of the chosen (real) completions
+    token_rejected: torch.Tensor,  # (B, T) of the rejected (generated) ones
+    mask_chosen: torch.Tensor,  # (B, T) 1 on completion tokens
+    mask_rejected: torch.Tensor,  # (B, T)
+    ref_chosen: torch.Tensor,  # (B,)
+    ref_rejected: torch.Tensor,  # (B,)
+    *,
+    beta: float,
+    alpha: float,
+) -> torch.Tensor:
+    """TRL's DPO + RPO loss from its own ``_compute_loss``: ``loss_type=["sigmoid", "sft"]``,
+    ``loss_weights=[1, α]`` — TRL ≥ 1.0's form of the former ``rpo_alpha=α``. The stub model returns
+    per-token log-probs, zero off the completion (as TRL's fused head does at label −100)."""
+    trainer = bare_dpo_trainer(beta=beta, loss_type="sigmoid", loss_types=["sigmoid", "sft"],
+                               loss_weights=[1.0, alpha])
+    mask = torch.cat([mask_chosen, mask_rejected])  # (2B, T)
+
+    def model(**_: object) -> types.SimpleNamespace:
+        log_probs = torch.cat([token_chosen, token_rejected]) * mask  # (2B, T)
+        zeros = torch.zeros_like(log_probs)
+        return types.SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    n, length = mask.shape
+    inputs = {
+        "input_ids": torch.zeros(n, length + 1, dtype=torch.long),
+        "attention_mask": torch.ones(n, length + 1, dtype=torch.long),
+        "completion_mask": torch.cat([torch.zeros(n, 1, dtype=mask.dtype), mask], dim=1),  # one prompt token
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    return trainer._compute_loss(model, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_spin_loss_with_nll_term_equals_trl_dpo_with_rpo(alpha: float) -> None:
+    gen = torch.Generator().manual_seed(17)
+    batch, length = 6, 9
+    lengths_c, lengths_r = torch.tensor([1, 9, 4, 6, 2, 7]), torch.tensor([5, 3, 9, 1, 8, 4])  # ragged
+    positions = torch.arange(length)
+    mask_c = (positions < lengths_c[:, None]).to(F64)
+    mask_r = (positions < lengths_r[:, None]).to(F64)
+    token_c = (-3 * torch.rand(batch, length, generator=gen, dtype=F64)).requires_grad_(True)
+    token_r = (-3 * torch.rand(batch, length, generator=gen, dtype=F64)).requires_grad_(True)
+    ref_c, ref_r = -12 * torch.rand(batch, generator=gen, dtype=F64), -12 * torch.rand(batch, generator=gen, dtype=F64)
+
+    theirs = trl_rpo_loss(token_c, token_r, mask_c, mask_r, ref_c, ref_r, beta=0.1, alpha=alpha)
+    pr, pg = (token_c * mask_c).sum(-1), (token_r * mask_r).sum(-1)
+    ours = spin_loss(pr, pg, ref_c, ref_r, scale=0.1, nll_coef=alpha, real_tokens=lengths_c).loss.mean()
+    plain = spin_loss(pr, pg, ref_c, ref_r, scale=0.1).loss.mean()
+    assert abs(theirs.item() - plain.item()) > 0.5  # the NLL term is really in TRL's loss
+    # TRL's normalisation is a token mean over the batch, not a mean of per-row means (they differ here)
+    row_means = plain + alpha * (-pr / lengths_c).mean()
+    assert abs(row_means.item() - theirs.item()) > 1e-3
+    torch.testing.assert_close(ours, theirs, **TOL)
+    for mine, trl in zip(grads(ours, token_c, token_r), grads(theirs, token_c, token_r), strict=True):
+        torch.testing.assert_close(mine, trl, **TOL)

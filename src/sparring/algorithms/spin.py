@@ -5,7 +5,8 @@ For iteration t = 0 … T−1, starting from the SFT model θ_0:
 1. generate: θ_t samples one response y′ for every training prompt x (the opponent's move);
 2. pairs: (x, y, y′) for this iteration, plus the pairs of the ``spin.mix_previous`` iterations before;
 3. precompute: L_θt(y) and L_θt(y′) once, in inference mode (θ_t is the frozen opponent/reference);
-4. train: θ ← θ_t, minimise mean ℓ(λ·[(L_θ(y) − L_θt(y)) − (L_θ(y′) − L_θt(y′))]) (``spin_loss``);
+4. train: θ ← θ_t, minimise mean ℓ(λ·[(L_θ(y) − L_θt(y)) − (L_θ(y′) − L_θt(y′))]) (``spin_loss``),
+   plus ``spin.nll_coef``·NLL(y) when that extension (RPO-style, off by default) is on;
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
 With LoRA (the ``peft:`` section) θ is θ_t plus fresh adapters, merged into θ_{t+1} at step 5.
@@ -23,7 +24,7 @@ import torch
 from sparring import stages
 from sparring.config import RunConfig
 from sparring.data import encode
-from sparring.logprobs import Sequences, collate, sequence_logps
+from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
 from sparring.losses import LossOutput, spin_loss
 from sparring.modeling import check_peft
 from sparring.state import write_jsonl
@@ -53,10 +54,12 @@ def collate_pairs(records: list[PairRecord], pad_id: int) -> PairBatch:
     )
 
 
-def spin_step(model, batch: PairBatch, *, scale: float, kind: str) -> LossOutput:
+def spin_step(model, batch: PairBatch, *, scale: float, kind: str, nll_coef: float = 0.0) -> LossOutput:
     logps = sequence_logps(model, batch.sequences)  # (2B,) one forward for real and generated
     real, generated = logps.chunk(2)
-    return spin_loss(real, generated, batch.opponent_real, batch.opponent_generated, scale=scale, kind=kind)
+    real_tokens = scored_positions(batch.sequences).sum(-1).chunk(2)[0] if nll_coef else None  # (B,) |y|
+    return spin_loss(real, generated, batch.opponent_real, batch.opponent_generated, scale=scale, kind=kind,
+                     nll_coef=nll_coef, real_tokens=real_tokens)
 
 
 def build_pairs(s: stages.Session, t: int, cfg: RunConfig) -> list[tuple[int, dict]]:
@@ -129,7 +132,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         result = train(
             model, records,
             collate=partial(collate_pairs, pad_id=tok.pad_token_id),
-            loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss),
+            loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss, nll_coef=icfg.spin.nll_coef),
             cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
             logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
             desc=f"iter {t}: train",

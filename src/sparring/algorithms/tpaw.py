@@ -11,7 +11,8 @@ J_t = [θ_t, θ_{t−1}, …] of the min(t + 1, N_max) newest checkpoints (N_max
    so at most the policy and one reference are in memory, and only the policy during training;
 4. train: θ ← θ_t, minimise mean Σ_j β_j·ℓ(α_j·P_j(y) − P_j(y′)), P_j(z) = λ[L_θ(z) − L_θj(z)]
    (``tpaw_loss``; α_j = η where P_j(y) ≤ 0, β = softmax_j(−γ·m_j)); column / metric ``player{c}`` is
-   θ_{t−c}, so ``player0`` is SPIN's opponent θ_t;
+   θ_{t−c}, so ``player0`` is SPIN's opponent θ_t; plus ``tpaw.nll_coef``·NLL(y) when that extension
+   (RPO-style, not the paper's method, off by default) is on;
 5. save θ_{t+1}, evaluate it on held-out data, mark the iteration done.
 
 With LoRA (the ``peft:`` section) θ is θ_t plus fresh adapters, merged into θ_{t+1} at step 5.
@@ -35,8 +36,8 @@ import torch
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.logprobs import Sequences, collate, sequence_logps
-from sparring.losses import LossOutput, tpaw_loss
+from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
+from sparring.losses import LossOutput, add_real_nll, tpaw_loss
 from sparring.modeling import check_peft
 from sparring.state import atomic_write_json
 from sparring.training import score_sequences, train
@@ -68,10 +69,15 @@ def collate_team(records: list[TeamRecord], pad_id: int) -> TeamBatch:
     )
 
 
-def tpaw_step(model, batch: TeamBatch, *, average: bool, **loss_kwargs) -> LossOutput:
+def tpaw_step(model, batch: TeamBatch, *, average: bool, nll_coef: float = 0.0, **loss_kwargs) -> LossOutput:
+    """``tpaw_loss`` on one policy forward, plus ``nll_coef``·NLL(y) (``add_real_nll``) when that is on."""
     logps = sequence_logps(model, batch.sequences, average=average)  # (2B,) one policy forward
     real, generated = logps.chunk(2)
-    return tpaw_loss(real, generated, batch.team_real, batch.team_generated, team_mask=batch.team_mask, **loss_kwargs)
+    out = tpaw_loss(real, generated, batch.team_real, batch.team_generated, team_mask=batch.team_mask, **loss_kwargs)
+    if not nll_coef:
+        return out
+    tokens = scored_positions(batch.sequences).sum(-1).chunk(2)[0]  # (B,) |y|
+    return add_real_nll(out, real * tokens if average else real, tokens, nll_coef)  # NLL needs the sums L_θ(y)
 
 
 def team(t: int, max_team_size: int) -> list[int]:
@@ -180,7 +186,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
             loss_step=partial(
                 tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
                 eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,
-                detach_player_weights=icfg.tpaw.detach_player_weights,
+                detach_player_weights=icfg.tpaw.detach_player_weights, nll_coef=icfg.tpaw.nll_coef,
             ),
             cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
             logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),

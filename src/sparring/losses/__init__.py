@@ -1,6 +1,6 @@
 """Pure loss functions of summed log-prob tensors (torch only): one module per method."""
 
-from sparring.losses.common import LossOutput, pair_loss
+from sparring.losses.common import LossOutput, add_real_nll, pair_loss
 from sparring.losses.lsp import KL_ESTIMATORS, LSPAdvantages, kl_k3, lsp_advantages, lsp_loss, reinforce_loss
 from sparring.losses.spin import spin_loss
 from sparring.losses.tpaw import tpaw_loss
@@ -10,6 +10,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LSPAdvantages",
     "LossOutput",
+    "add_real_nll",
     "kl_k3",
     "lsp_advantages",
     "lsp_loss",

@@ -6,13 +6,19 @@
 L_φ(z) is the sum of response-token log-probs under φ (see ``sparring.logprobs``). θ_t is the
 previous iterate: the opponent that generated y′ and the frozen reference. With ℓ = sigmoid this is
 DPO's loss with chosen = real, rejected = generated and DPO-β = λ.
+
+Extension, not the paper's method (off by default): ``nll_coef`` = c > 0 adds c·NLL(y | x), the real
+responses' per-token negative log-likelihood over the batch, as RPO (Pang et al. 2024) and TRL's
+``rpo_alpha`` do (``sparring.losses.common.add_real_nll``):
+
+    mean_i loss_i = mean_i ℓ(λ · z_i) + c · Σ_i −L_θ(y_i) / Σ_i |y_i|
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparring.losses.common import LossOutput, check_same_shape, pair_loss
+from sparring.losses.common import LossOutput, add_real_nll, check_same_shape, pair_loss
 
 
 def spin_loss(
@@ -23,13 +29,16 @@ def spin_loss(
     *,
     scale: float,
     kind: str = "sigmoid",
+    nll_coef: float = 0.0,  # c of the NLL term on y (0 = the paper's loss, bit for bit)
+    real_tokens: torch.Tensor | None = None,  # (B,) |y_i|, response tokens of each real row; needed when c > 0
 ) -> LossOutput:
     """Per-example SPIN loss ℓ(λ·z) and TRL-named metrics.
 
     The opponent tensors are detached here, so no gradient can reach them even if a caller passes
     live tensors. Metrics (detached batch means): ``rewards/real`` = λ(L_θ(y) − L_θt(y)),
     ``rewards/generated`` = λ(L_θ(y′) − L_θt(y′)), ``rewards/margins``, ``rewards/accuracies``
-    (strict >), ``logps/real``, ``logps/generated``.
+    (strict >), ``logps/real``, ``logps/generated``; with ``nll_coef`` > 0 also ``nll/real`` (the
+    per-token NLL of y) and each row's loss carries its share of c·NLL (see ``add_real_nll``).
     """
     check_same_shape(
         policy_real=policy_real,
@@ -51,4 +60,4 @@ def spin_loss(
         "logps/real": policy_real.detach().mean(),
         "logps/generated": policy_generated.detach().mean(),
     }
-    return LossOutput(loss, metrics)
+    return add_real_nll(LossOutput(loss, metrics), policy_real, real_tokens, nll_coef)
