@@ -21,9 +21,13 @@ test: install
 	$(BIN)/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# The proving-ground experiments behind docs/RESULTS.md (about an hour on 2 CPU cores; resumable).
+# The proving-ground experiments behind docs/RESULTS.md, one after the other (each resumable: a rerun
+# recomputes nothing that is on disk and rewrites its own section of docs/RESULTS.md).
+EXPERIMENTS ?= distribution plateau lsp
 results: install
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(BIN)/sparring experiment configs/experiments/plateau.yaml
+	for e in $(EXPERIMENTS); do \
+	  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(BIN)/sparring experiment configs/experiments/$$e.yaml || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

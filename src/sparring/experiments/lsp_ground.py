@@ -47,6 +47,8 @@ from sparring.experiments.plateau import Job, check, load_set, parallel, run_dir
 from sparring.state import RunDir
 
 ARMS = ("grpo_gen", "lsp_zero", "lsp", "grpo_data", "sft")
+# What difficulty d sets in each family (tasks.problems.make_problem).
+DIFFICULTY_MEANS = {"add": "operand digits", "add_lsd": "operand digits", "sort": "digits to sort", "reverse": "word length"}
 START, END = "<!-- lsp:start -->", "<!-- lsp:end -->"
 # The LSP settings that make each RL arm (on top of the shared ones of ``lsp_overrides``).
 ARM_SETTINGS = {
@@ -495,7 +497,7 @@ def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, ch
         "challenger-written prompts raise held-out test exact match? Do LSP-Zero (challenger trained too) and "
         "LSP (self-reward) beat GRPO on the data prompts (the paper's baseline) and continued SFT at equal "
         "optimizer steps?", "",
-        f"**Setup.** Task `{cfg.family}` at difficulties {cfg.difficulties} (operand digits); per difficulty "
+        f"**Setup.** Task `{cfg.family}` at difficulties {cfg.difficulties} ({DIFFICULTY_MEANS[cfg.family]}); per difficulty "
         f"{cfg.train_per_difficulty} train / {cfg.validation_per_difficulty} validation / "
         f"{cfg.test_per_difficulty} test prompts, disjoint. Challenger prompt: \"{cfg.challenger_prompt}\" "
         "(the difficulty knob), taught in θ0's SFT (each train row also as a challenger row). Model: the proving "
