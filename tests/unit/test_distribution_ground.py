@@ -303,3 +303,51 @@ def test_experiment_key_picks_the_module_and_loaders_check_it(tmp_path, capsys):
     unknown.write_text("experiment: poetry\n")
     assert main(["experiment", str(unknown)]) == 2
     assert "unknown experiment 'poetry'" in capsys.readouterr().err
+
+
+def test_spin_nll_arm_is_spin_preset_plus_the_nll_term_and_off_the_shipped_arm_lists(tmp_path):
+    import yaml
+    from tests.conftest import REPO
+
+    from sparring.config import ConfigError, load_config
+    from sparring.experiments import distribution, plateau
+
+    for module, name in ((plateau, "plateau"), (distribution, "distribution")):
+        (tmp_path / "bare.yaml").write_text(f"experiment: {name}\n")  # the dataclass's own arms
+        shipped = module.load(REPO / "configs" / "experiments" / f"{name}.yaml")
+        assert "spin_nll" in module.ARMS and "spin_nll" not in shipped.arms  # valid, not run by default
+        assert "spin_nll" not in module.load(tmp_path / "bare.yaml").arms
+        # as a user turns the arm on: the shipped config plus the arm, its rates and (optionally) its coefficient
+        data = yaml.safe_load((REPO / "configs" / "experiments" / f"{name}.yaml").read_text())
+        data["arms"].append("spin_nll")
+        data["lr_grid"]["spin_nll"] = [1.0e-4, 1.0e-3]
+        data["spin_nll_coef"] = 0.5
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        cfg = module.load(tmp_path / f"{name}.yaml")
+        assert cfg.lr_grid["spin_nll"] == [1.0e-4, 1.0e-3]
+        paths = {"subset": tmp_path / "subset.jsonl", "validation": tmp_path / "validation.jsonl"}
+        job, spin_job = plateau.Job("spin_nll", 1.0e-4, 0), plateau.Job("spin", 1.0e-4, 0)
+        args = plateau.method_args(cfg, job, tmp_path, paths, tmp_path / "theta0")
+        spin_args = plateau.method_args(cfg, spin_job, tmp_path, paths, tmp_path / "theta0")
+        assert args[1] == cfg.presets["spin"] and args[-1] == "spin.nll_coef=0.5"
+        assert f"output_dir={tmp_path / 'runs' / 'spin_nll' / 'lr0.0001' / 'seed0'}" in args
+        # the same run as the spin arm's but for the output folder and the one added override
+        assert [a for a in args if not a.startswith("output_dir=")][:-1] == \
+            [a for a in spin_args if not a.startswith("output_dir=")]
+        run = load_config(str(REPO / args[1]), args[2:])
+        assert run.method == "spin" and run.spin.nll_coef == 0.5 and run.spin.iterations == cfg.iterations
+        assert load_config(str(REPO / spin_args[1]), spin_args[2:]).spin.nll_coef == 0.0
+        with pytest.raises(ConfigError, match="lr_grid has no rates for arm 'spin_nll'"):
+            module.load(REPO / "configs" / "experiments" / f"{name}.yaml", ["arms=[sft, spin_nll]"])
+        assert module.load(REPO / "configs" / "experiments" / f"{name}.yaml").spin_nll_coef == 1.0  # the default
+
+
+def test_diagnosis_columns_gain_nll_real_only_with_the_spin_nll_arm():
+    import types
+
+    from sparring.experiments.report import curve_keys, variant_arms_note
+
+    plain = types.SimpleNamespace(arms=["sft", "spin"], spin_nll_coef=1.0)
+    with_nll = types.SimpleNamespace(arms=["sft", "spin", "spin_nll"], spin_nll_coef=1.0)
+    assert "nll/real" not in curve_keys(plain) and variant_arms_note(plain) == []
+    assert curve_keys(with_nll)[-1] == "nll/real" and "not SPIN's method" in variant_arms_note(with_nll)[0]

@@ -38,10 +38,9 @@ from pathlib import Path
 
 from sparring.config import ConfigError, ModelConfig, from_dict
 from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
-from sparring.experiments.plateau import Job, checkpoints, load_set, parallel, run_dir, run_job
+from sparring.experiments.plateau import METHODS, Job, checkpoints, load_set, parallel, run_dir, run_job
 
-ARMS = ("sft", "spin", "tspin", "tpaw")
-METHOD_ARMS = ("spin", "tspin", "tpaw")
+ARMS = ("sft", "spin", "tspin", "tpaw", "spin_nll")  # spin_nll: see plateau.arm_overrides
 
 
 @dataclass
@@ -70,9 +69,10 @@ class DistributionConfig:
     sft_patience: int = 3
     iterations: int = 2
     arms: list[str] = field(default_factory=lambda: ["sft", "spin", "tspin"])
-    presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHOD_ARMS})
+    presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHODS})
     lr_grid: dict[str, list[float]] = field(default_factory=lambda: {a: [1e-4, 1e-3] for a in ARMS})
     overrides: list[str] = field(default_factory=list)  # dotted overrides for every method run
+    spin_nll_coef: float = 1.0  # arm spin_nll: SPIN + this · per-token NLL of y (RPO-style, not the paper's)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 1
     batch_size: int = 32
@@ -377,7 +377,7 @@ def write_report(cfg: DistributionConfig, root: Path, theta0: Path, chosen: dict
     import platform
 
     from sparring.evaluation.metrics import paired_bootstrap, seed_spread
-    from sparring.experiments.report import fmt, last_epoch_metrics, mean_over_seeds
+    from sparring.experiments.report import curve_keys, fmt, last_epoch_metrics, mean_over_seeds, variant_arms_note
     from sparring.state import read_jsonl
     from sparring.tasks.distributions import family
 
@@ -409,7 +409,7 @@ def write_report(cfg: DistributionConfig, root: Path, theta0: Path, chosen: dict
         "control is continued SFT with SPIN's optimizer steps per iteration; the methods run their tiny "
         "presets' loss settings); learning rate per arm picked on "
         f"VALIDATION (final iterate's exact TV at T = 1, seed {cfg.seeds[0]}) from its grid, then seeds "
-        f"{cfg.seeds}.", "",
+        f"{cfg.seeds}.", "", *variant_arms_note(cfg),
         "**Metrics, per test prompt with valid answers S.** Exact, by enumeration: p(y) = π_T(y + "
         "end-of-turn | x) for every y ∈ S (the token ids generation produces); valid mass m = Σ p(y); "
         "exact TV = ½(Σ_{y∈S} |p(y) − 1/|S|| + 1 − m); exact TV on S = the same for p/m (the shape "
@@ -486,12 +486,12 @@ def write_report(cfg: DistributionConfig, root: Path, theta0: Path, chosen: dict
                      f"[{fc['ci'][1]:+.4f}, {fc['ci'][2]:+.4f}] | {fc['verdict']} |")
     lines += ["", f"**Diagnosis: training curves per iteration (seed {cfg.seeds[0]}, means over the last epoch; "
               "y′ = y: pairs with no gradient).**", "",
-              "| arm | iteration | steps | loss | logps/real | logps/generated | margins | reward acc. | y′ = y |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| arm | iteration | steps | loss | logps/real | logps/generated | margins | reward acc. | "
+              + "".join(f"{k} | " for k in curve_keys(cfg)[4:]) + "y′ = y |",
+              "|---|---|---|" + "---|" * (len(curve_keys(cfg)) + 2)]
     for arm, jobs in arms.items():
         for t, row in enumerate(last_epoch_metrics(run_dir(root, jobs[0]), cfg.iterations)):
-            cells = [row.get(key) for key in ("loss", "logps/real", "logps/generated", "rewards/margins",
-                                              "rewards/accuracies", "y′ = y")]
+            cells = [row.get(key) for key in ("loss", *curve_keys(cfg), "y′ = y")]
             text = " | ".join("–" if c is None else f"{c:.3f}" for c in cells)
             lines.append(f"| {arm} | {t} | {row['steps']} | {text} |")
     plot_path = Path(cfg.plot)

@@ -17,7 +17,9 @@ Stages, each resumable (files under ``output_dir``):
 
 Arms: ``sft`` (continued SFT on the subset, SPIN's step count per iteration), ``sft_all`` (SFT on the
 whole pool, the same steps), ``spin``, ``tspin``, ``tpaw`` (their presets' settings; their own step
-counts, reported). Seeds change the methods' sampling and data order, not θ0.
+counts, reported), and ``spin_nll`` (SPIN's preset plus ``spin.nll_coef`` = ``spin_nll_coef``: the
+RPO-style NLL term on y, an extension, not the paper's method; not in the shipped config's arms).
+Seeds change the methods' sampling and data order, not θ0.
 
     sparring experiment configs/experiments/plateau.yaml
 """
@@ -36,8 +38,21 @@ from pathlib import Path
 from sparring.config import ConfigError, from_dict
 from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
 
-ARMS = ("sft", "sft_all", "spin", "tspin", "tpaw")
-METHOD_ARMS = ("spin", "tspin", "tpaw")
+ARMS = ("sft", "sft_all", "spin", "tspin", "tpaw", "spin_nll")
+METHODS = ("spin", "tspin", "tpaw")  # the keys of ``presets``
+# Arms run through ``sparring run``: a method, or a variant of one (the method's preset plus overrides).
+METHOD_ARMS = (*METHODS, "spin_nll")
+
+
+def arm_method(arm: str) -> str:
+    """The method an arm runs: ``spin_nll`` is SPIN (its preset) with the NLL term on y."""
+    return {"spin_nll": "spin"}.get(arm, arm)
+
+
+def arm_overrides(cfg: PlateauConfig, arm: str) -> list[str]:
+    """What a variant arm adds to its method's preset; applied after ``overrides``, so the arm is what its
+    name says. ``spin_nll``: spin.nll_coef = ``spin_nll_coef`` (an extension, not the paper's method)."""
+    return [f"spin.nll_coef={cfg.spin_nll_coef}"] if arm == "spin_nll" else []
 
 
 @dataclass
@@ -63,10 +78,11 @@ class PlateauConfig:
     # seen all of it, as SPIN's zephyr-7b-sft-full saw all of UltraChat before SPIN used 50k of it).
     theta0_data: str = "subset"
     iterations: int = 3
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
-    presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHOD_ARMS})
+    arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a != "spin_nll"])  # the variant: opt in
+    presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHODS})
     lr_grid: dict[str, list[float]] = field(default_factory=lambda: {a: [1e-5, 1e-4] for a in ARMS})
     overrides: list[str] = field(default_factory=list)  # dotted overrides for every method run
+    spin_nll_coef: float = 1.0  # arm spin_nll: SPIN + this · per-token NLL of y (RPO-style, not the paper's)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 2
     batch_size: int = 32
@@ -169,15 +185,15 @@ def spin_steps(cfg: PlateauConfig, t: int) -> int:
 
 
 def method_args(cfg: PlateauConfig, job: Job, root: Path, paths: dict[str, Path], theta0: Path) -> list[str]:
-    seed = job.seed
+    seed, method = job.seed, arm_method(job.arm)
     return [
-        "run", cfg.presets[job.arm], f"output_dir={root / 'runs' / job.name}", f"model.name_or_path={theta0}",
+        "run", cfg.presets[method], f"output_dir={root / 'runs' / job.name}", f"model.name_or_path={theta0}",
         "model.build_proving_ground=false", f"data.source={paths['subset']}", "data.num_prompts=null",
         f"eval.source={paths['validation']}", "eval.split=train", "eval.num_examples=null",
         f"eval.max_new_tokens={cfg.max_new_tokens}", f"generation.max_new_tokens={cfg.max_new_tokens}",
-        f"{job.arm}.iterations={cfg.iterations}", f"train.lr={job.lr}", f"train.epochs={cfg.epochs}",
+        f"{method}.iterations={cfg.iterations}", f"train.lr={job.lr}", f"train.epochs={cfg.epochs}",
         f"train.batch_size={cfg.batch_size}", f"train.seed={seed}", f"generation.seed={seed}",
-        "train.save_steps=1000000", *cfg.overrides,
+        "train.save_steps=1000000", *cfg.overrides, *arm_overrides(cfg, job.arm),
     ]
 
 

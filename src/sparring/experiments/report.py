@@ -16,6 +16,21 @@ METRICS = ("exact_match", "pass@1", "logps_real_per_token")
 NAMES = {"exact_match": "greedy exact match", "pass@1": "sampled pass@1", "logps_real_per_token": "real log-prob/token"}
 
 
+def variant_arms_note(cfg) -> list[str]:
+    """A sentence on the variant arms in ``cfg.arms`` (none: nothing), for a report's setup."""
+    if "spin_nll" not in cfg.arms:
+        return []
+    return [f"Arm spin_nll is SPIN's preset plus spin.nll_coef = {cfg.spin_nll_coef:g}: loss = SPIN's + "
+            f"{cfg.spin_nll_coef:g} · per-token NLL of the real y (RPO-style, TRL's rpo_alpha; an extension, "
+            "not SPIN's method); its loss column includes that term, shown alone as nll/real.", ""]
+
+
+def curve_keys(cfg) -> tuple[str, ...]:
+    """Training-curve metrics of the diagnosis tables after the loss: nll/real when spin_nll runs."""
+    return ("logps/real", "logps/generated", "rewards/margins", "rewards/accuracies",
+            *(("nll/real",) if "spin_nll" in cfg.arms else ()))
+
+
 def scores(path: Path) -> PromptScores:
     return PromptScores(**json.loads(path.read_text()))
 
@@ -36,7 +51,7 @@ def last_epoch_metrics(run: Path, iterations: int) -> list[dict]:
         train = [r for r in rows if r.get("kind") == "train" and r.get("iteration") == t]
         last = [r for r in train if r["epoch"] > train[-1]["epoch"] - 1] if train else []
         summary = {}
-        for key in ("logps/real", "logps/generated", "rewards/margins", "rewards/accuracies", "loss"):
+        for key in ("logps/real", "logps/generated", "rewards/margins", "rewards/accuracies", "loss", "nll/real"):
             values = [r[key] for r in last if key in r and r[key] == r[key]]
             if values:
                 summary[key] = sum(values) / len(values)
@@ -83,6 +98,7 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
         f"seed {cfg.seeds[0]}) from its grid; then seeds {cfg.seeds}. Test metrics: greedy exact match, sampled "
         f"pass@1 and pass@{k} from k = {k} samples at T = {cfg.eval_temperature:g}, real response log-prob per "
         "token. Intervals: 95% paired bootstrap over test prompts of the seed-averaged per-prompt score.", "",
+        *variant_arms_note(cfg),
     ]
     history = json.loads((theta0 / "sft_history.json").read_text())
     best = history["best"]
@@ -123,11 +139,11 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
     lines += ["", "**Diagnosis: training curves per iteration (seed "
               f"{cfg.seeds[0]}, means over the last epoch; y′ = y: pairs with no gradient; truncated: y′ cut at "
               "max_new_tokens).**", "", "| arm | iteration | steps | loss | logps/real | logps/generated | margins | "
-              "reward acc. | y′ = y | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "reward acc. | " + "".join(f"{k} | " for k in curve_keys(cfg)[4:]) + "y′ = y | truncated |",
+              "|---|---|---|" + "---|" * (len(curve_keys(cfg)) + 3)]
     for arm, jobs in arms.items():
         for t, row in enumerate(last_epoch_metrics(run_dir(root, jobs[0]), cfg.iterations)):
-            cells = [row.get(key) for key in ("loss", "logps/real", "logps/generated", "rewards/margins",
-                                              "rewards/accuracies", "y′ = y", "truncated")]
+            cells = [row.get(key) for key in ("loss", *curve_keys(cfg), "y′ = y", "truncated")]
             text = " | ".join("–" if c is None else f"{c:.3f}" for c in cells)
             lines.append(f"| {arm} | {t} | {row['steps']} | {text} |")
     plot_path = Path(cfg.plot)
