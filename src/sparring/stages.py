@@ -203,11 +203,19 @@ def save_model(s: Session, model, t: int) -> None:
     """θ_{t+1} with save_pretrained (safetensors) and the tokenizer, renamed into place.
 
     Under LoRA θ_{t+1} is θ_t with the iteration's adapters merged in: a full model like any iterate."""
-    target = s.run_dir.model(t)
+    save_pretrained(s, model, s.run_dir.model(t), base=model_path(s, t))
+
+
+def save_pretrained(s: Session, model, target: Path, base: str | Path | None = None) -> Path:
+    """``model`` with save_pretrained (safetensors) and the tokenizer to ``target``, written to a .tmp
+    sibling and renamed into place; FSDP / ZeRO-3 shards are gathered first (every process calls this).
+
+    A LoRA model is saved with its adapters merged (in place, into full-precision weights; into a copy
+    of ``base``, default ``model.name_or_path``, under a 4-bit base): a full model, never adapters alone."""
     tmp = target.with_name(target.name + ".tmp")
     unwrapped = s.accelerator.unwrap_model(model)
     if is_peft_model(unwrapped):  # whole weights on every process (check_unsharded): nothing to gather
-        unwrapped, state_dict = merge_adapters(unwrapped, s.cfg.model, model_path(s, t)), None
+        unwrapped, state_dict = merge_adapters(unwrapped, s.cfg.model, base), None
     else:
         state_dict = s.accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
     if s.main:
@@ -219,6 +227,7 @@ def save_model(s: Session, model, t: int) -> None:
         shutil.rmtree(target, ignore_errors=True)
         tmp.replace(target)
     s.accelerator.wait_for_everyone()
+    return target
 
 
 def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:

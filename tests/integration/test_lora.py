@@ -74,7 +74,6 @@ def lora_run(request, tiny_ground, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(root))
         mp.setattr(sparring.stages, "merge_adapters", probe)
-        mp.setattr(sparring.algorithms.lsp, "merge_adapters", probe)
         assert main(args) == 0
     return {"method": method, "out": root / "run", "args": args, "probe": probe, "saved": saved,
             "ground": tiny_ground, "reward_dir": root}

@@ -43,7 +43,7 @@ from sparring.lsp_rollouts import (
     sample_rollouts,
     score_rewards,
 )
-from sparring.modeling import add_adapters, check_peft, load_model, merge_adapters, resolve_dtype
+from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtype
 from sparring.rewards import SelfJudge
 from sparring.state import read_jsonl, write_jsonl
 from sparring.training.loop import load_latest_checkpoint, save_checkpoint
@@ -212,28 +212,13 @@ def snapshot(s: stages.Session, model, step: int) -> Path:
     """RUN/models/step{step}: the policy (LoRA merged) and tokenizer, written once and renamed into place."""
     target = s.run_dir.root / "models" / f"step{step}"
     if not (target / "config.json").exists():
-        save_pretrained(s, model, target)
-    return target
-
-
-def save_pretrained(s: stages.Session, model, target: Path) -> Path:
-    """save_pretrained + tokenizer to ``target`` (LoRA adapters merged into a copy), via a .tmp rename."""
-    tmp = target.with_name(target.name + ".tmp")
-    unwrapped = s.accelerator.unwrap_model(model)
-    if s.cfg.peft.on:
-        unwrapped = merge_adapters(unwrapped, s.cfg.model)  # into θ_0's weights (a full-precision copy under QLoRA)
-    if s.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp)
-        s.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
+        stages.save_pretrained(s, model, target)
     return target
 
 
 def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
     """RUN/model: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
-    return save_pretrained(s, model, s.run_dir.root / "model")
+    return stages.save_pretrained(s, model, s.run_dir.root / "model")
 
 
 def write_report(s: stages.Session) -> list[dict]:
