@@ -305,7 +305,7 @@ def test_experiment_key_picks_the_module_and_loaders_check_it(tmp_path, capsys):
     assert "unknown experiment 'poetry'" in capsys.readouterr().err
 
 
-def test_spin_nll_arm_is_spin_preset_plus_the_nll_term_and_off_the_shipped_arm_lists(tmp_path):
+def test_spin_nll_arm_is_spin_preset_plus_the_nll_term_run_by_the_shipped_configs_only(tmp_path):
     import yaml
     from tests.conftest import REPO
 
@@ -315,11 +315,12 @@ def test_spin_nll_arm_is_spin_preset_plus_the_nll_term_and_off_the_shipped_arm_l
     for module, name in ((plateau, "plateau"), (distribution, "distribution")):
         (tmp_path / "bare.yaml").write_text(f"experiment: {name}\n")  # the dataclass's own arms
         shipped = module.load(REPO / "configs" / "experiments" / f"{name}.yaml")
-        assert "spin_nll" in module.ARMS and "spin_nll" not in shipped.arms  # valid, not run by default
+        # the shipped experiments run the extension beside SPIN, on SPIN's grid; the dataclass default does not
+        assert "spin_nll" in module.ARMS and "spin_nll" in shipped.arms
+        assert shipped.lr_grid["spin_nll"] == shipped.lr_grid["spin"]
         assert "spin_nll" not in module.load(tmp_path / "bare.yaml").arms
-        # as a user turns the arm on: the shipped config plus the arm, its rates and (optionally) its coefficient
+        # a user's own arm list and rates, and (optionally) its coefficient
         data = yaml.safe_load((REPO / "configs" / "experiments" / f"{name}.yaml").read_text())
-        data["arms"].append("spin_nll")
         data["lr_grid"]["spin_nll"] = [1.0e-4, 1.0e-3]
         data["spin_nll_coef"] = 0.5
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
@@ -337,8 +338,10 @@ def test_spin_nll_arm_is_spin_preset_plus_the_nll_term_and_off_the_shipped_arm_l
         run = load_config(str(REPO / args[1]), args[2:])
         assert run.method == "spin" and run.spin.nll_coef == 0.5 and run.spin.iterations == cfg.iterations
         assert load_config(str(REPO / spin_args[1]), spin_args[2:]).spin.nll_coef == 0.0
+        del data["lr_grid"]["spin_nll"]
+        (tmp_path / "no_rates.yaml").write_text(yaml.safe_dump(data))
         with pytest.raises(ConfigError, match="lr_grid has no rates for arm 'spin_nll'"):
-            module.load(REPO / "configs" / "experiments" / f"{name}.yaml", ["arms=[sft, spin_nll]"])
+            module.load(tmp_path / "no_rates.yaml")
         assert module.load(REPO / "configs" / "experiments" / f"{name}.yaml").spin_nll_coef == 1.0  # the default
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from sparring.config import ConfigError, ModelConfig, from_dict
 from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
-from sparring.experiments.plateau import METHODS, Job, checkpoints, load_set, parallel, run_dir, run_job
+from sparring.experiments.plateau import METHODS, Job, checkpoints, finished, load_set, parallel, run_dir, run_job
 
 ARMS = ("sft", "spin", "tspin", "tpaw", "spin_nll")  # spin_nll: see plateau.arm_overrides
 
@@ -240,13 +240,8 @@ def run(cfg: DistributionConfig, *,
     cfg_dict = asdict(cfg)
     shared = (str(root), {k: str(v) for k, v in paths.items()}, str(theta0), DistributionConfig)
 
-    def final_model(job: Job) -> str:
-        return str(checkpoints(root, job, cfg.iterations)[-1][1])
-
-    def runs(jobs: list[Job]) -> None:  # a run whose final iterate is saved is done: not even reopened
-        todo = [(cfg_dict, j, *shared) for j in jobs if not (Path(final_model(j)) / "config.json").exists()]
-        if todo:
-            parallel(run_job, todo, cfg.workers)
+    def runs(jobs: list[Job]) -> None:
+        parallel(run_job, [(cfg_dict, j, *shared) for j in jobs if not finished(root, j, cfg.iterations)], cfg.workers)
 
     def scores(jobs: list[tuple]) -> None:  # score_job's arguments; the last one is its output file
         todo = [args for args in jobs if not Path(args[-1]).exists()]
@@ -261,7 +256,7 @@ def run(cfg: DistributionConfig, *,
 
     grid = [Job(a, lr, cfg.seeds[0]) for a in cfg.arms for lr in cfg.lr_grid[a]]
     runs(grid)
-    scores([(cfg_dict, final_model(j), str(paths["validation"]), 1.0, 0,
+    scores([(cfg_dict, str(checkpoints(root, j, cfg.iterations)[-1][1]), str(paths["validation"]), 1.0, 0,
              str(iterate_score_path(root, j, cfg.iterations, "validation"))) for j in grid])
     chosen = choose_rates(cfg, root)
     final = [Job(a, chosen[a], s) for a in cfg.arms for s in cfg.seeds]

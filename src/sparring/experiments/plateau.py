@@ -286,6 +286,8 @@ def validation_score(root: Path, job: Job, iterations: int) -> float | None:
 
 
 def parallel(fn, args_list: list[tuple], workers: int) -> list:
+    if not args_list:
+        return []
     if workers <= 1:
         return [fn(*a) for a in args_list]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -321,6 +323,12 @@ def checkpoints(root: Path, job: Job, iterations: int) -> list[tuple[int, Path]]
     return [(t + 1, run_dir(root, job) / f"iter_{t:03d}" / "model") for t in range(iterations)]
 
 
+def finished(root: Path, job: Job, iterations: int) -> bool:
+    """A run whose final iterate is saved is done and not even reopened (so an experiment directory that
+    was moved or reached through another path, whose runs name the old paths, still reports)."""
+    return (checkpoints(root, job, iterations)[-1][1] / "config.json").exists()
+
+
 # the command ---------------------------------------------------------------------------------------
 
 
@@ -335,13 +343,14 @@ def run(cfg: PlateauConfig, *, command: str = "sparring experiment configs/exper
     common = (cfg_dict, str(root), {k: str(v) for k, v in paths.items()}, str(theta0))
 
     grid = [Job(a, lr, cfg.seeds[0]) for a in cfg.arms for lr in cfg.lr_grid[a]]
-    parallel(run_job, [(common[0], j, *common[1:]) for j in grid], cfg.workers)
+    parallel(run_job, [(common[0], j, *common[1:]) for j in grid if not finished(root, j, cfg.iterations)], cfg.workers)
     chosen = {}
     for arm in cfg.arms:
         scores = {lr: validation_score(root, Job(arm, lr, cfg.seeds[0]), cfg.iterations) for lr in cfg.lr_grid[arm]}
         chosen[arm] = max(sorted(scores), key=lambda lr: scores[lr])  # ties: the smaller rate
     final = [Job(a, chosen[a], s) for a in cfg.arms for s in cfg.seeds]
-    parallel(run_job, [(common[0], j, *common[1:]) for j in final if j.seed != cfg.seeds[0]], cfg.workers)
+    parallel(run_job, [(common[0], j, *common[1:]) for j in final
+                       if j.seed != cfg.seeds[0] and not finished(root, j, cfg.iterations)], cfg.workers)
 
     tests = [(cfg_dict, str(theta0), str(paths["test"]), str(root / "test" / "theta0.json"))]
     for job in final:
