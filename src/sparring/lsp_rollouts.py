@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -288,19 +288,21 @@ def judge_generate(reference: Reference, tokenizer, lsp: LspConfig, batch_size: 
 def backward_role(
     model, reference: Reference, seqs, advantages: torch.Tensor, *, weight: float, lsp: LspConfig,
     pad_id: int, batch_size: int, accelerator, keep: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accumulate ∇ of weight · Σ_b keep_b · loss_b (REINFORCE + KL, ``reinforce_loss``) in micro-batches.
 
     ``weight`` is 1/(N·G) for the solver and α_Ch/N for the challenger, so the accumulated gradient
     is that of ``lsp_loss`` on the whole batch; ``keep`` (one bool per sequence, None: all) zeroes the
     sequences left out of training, under the same normaliser. Returns the role's mean KL, log-prob
-    and loss (L_Sol or L_Ch, without α_Ch). Log-probs are those of softmax(logits / lsp.temperature),
-    the distribution the rollouts were sampled from. π_Ref's per-token log-probs are taken on the same
-    padded batch, so at θ = θ_Ref every KL term is exactly zero.
+    and loss (L_Sol or L_Ch, without α_Ch), and under ``nonfinite`` the positions in ``seqs`` whose loss
+    was NaN/inf (kept or not: 0 × NaN still poisons the gradient). Log-probs are those of
+    softmax(logits / lsp.temperature), the distribution the rollouts were sampled from. π_Ref's
+    per-token log-probs are taken on the same padded batch, so at θ = θ_Ref every KL term is exactly zero.
     """
     device = accelerator.device
     keep = torch.ones(len(seqs), dtype=torch.bool) if keep is None else keep.reshape(-1)
     sums = {"kl": 0.0, "logps": 0.0, "loss": 0.0}
+    bad: list[int] = []
     for start in range(0, len(seqs), batch_size):
         batch = collate(seqs[start : start + batch_size], pad_id)
         batch = type(batch)(*(t.to(device) for t in batch))
@@ -318,10 +320,12 @@ def backward_role(
             kept = keep[start : start + batch_size].to(device, out.loss.dtype)  # (B,)
             accelerator.backward((out.loss * kept).sum() * weight)
         n = len(out.loss)
+        bad += [start + b for b, ok in enumerate(torch.isfinite(out.loss.detach()).tolist()) if not ok]
         sums["kl"] += out.metrics["kl"].item() * n
         sums["logps"] += out.metrics["logps"].item() * n
         sums["loss"] += (out.loss.detach() * kept).sum().item()
-    return {key: value / len(seqs) for key, value in sums.items()}  # means over the role's sequences
+    means = {key: value / len(seqs) for key, value in sums.items()}  # over the role's sequences
+    return {**means, "nonfinite": bad}
 
 
 def _role_token_logps(model, batch, temperature: float) -> torch.Tensor:  # (B, T−1)
@@ -331,7 +335,7 @@ def _role_token_logps(model, batch, temperature: float) -> torch.Tensor:  # (B, 
 def policy_gradient(
     model, reference: Reference, r: Rollouts, adv, lsp: LspConfig, *, pad_id: int, batch_size: int, accelerator,
     solver_keep: torch.Tensor | None = None,
-) -> tuple[dict[str, float], dict[str, float] | None]:
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Accumulate ∇(L_Sol + α_Ch·L_Ch) of eqs. 4–5; with α_Ch = 0 the challenger term is left out.
 
     ``solver_keep`` (N, G) bool, False on the answers that get no gradient (``RolloutRewards.keep``); None: all train.
@@ -347,3 +351,20 @@ def policy_gradient(
         return sol, None
     ch = backward_role(model, reference, r.challenger_sequences(), adv.challenger, weight=lsp.challenger_coef / n, **common)
     return sol, ch
+
+
+def nonfinite_what(sol: dict[str, Any], ch: dict[str, Any] | None, group_size: int, grad_norm: float,
+                   prompt_rows: list[int] | None = None) -> str:
+    """What was not finite in an LSP step, for ``training.loop.nonfinite_message``: the role and the
+    step's query indices i (0-based; with query_source=data also the ``lsp.prompts`` rows they are).
+    ``sol`` and ``ch`` are ``policy_gradient``'s returns; solver sequence k is answer j of query k // G."""
+    parts = []
+    if sol["nonfinite"]:
+        queries = sorted({k // group_size for k in sol["nonfinite"]})
+        parts.append(f"a non-finite solver loss on the answers to queries {queries} (answers {sol['nonfinite']}, i·G + j)")
+    if ch is not None and ch["nonfinite"]:
+        parts.append(f"a non-finite challenger loss on queries {ch['nonfinite']}")
+    if not parts:  # the roles' gradients are summed before the norm is taken: no role can be named
+        parts.append(f"a non-finite gradient norm ({grad_norm}) of the solver + challenger update on all queries")
+    rows = f"; lsp.prompts rows {prompt_rows} in query order" if prompt_rows is not None else ""
+    return " and ".join(parts) + f" (query indices i = 0..N−1 of the step{rows})"

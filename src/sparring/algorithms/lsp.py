@@ -12,6 +12,9 @@ One model θ plays both roles; π_Ref is the frozen initial model. For step t = 
 
 The run needs no training data. Rerunning the command resumes from the newest checkpoint; rollouts
 are seeded by (seed, step, role), so a resumed run repeats the uninterrupted one.
+As in the shared loop (``training.loop``), SIGTERM/SIGUSR1 ends the current step with a checkpoint
+and ``Preempted``, and a non-finite loss or gradient norm stops the run or skips the update
+(``train.on_nonfinite``).
 
 ``lsp.query_source: data`` replaces step 1 by N prompts of the ``lsp.prompts`` file (a seeded,
 resumable order, ``prompt_indices``) and trains the solver only (α_Ch = 0): the paper's GRPO baseline
@@ -38,7 +41,9 @@ from sparring.lsp_rollouts import (
     judge_generate,
     load_prompts,
     make_reward,
+    nonfinite_what,
     policy_gradient,
+    prompt_indices,
     query_difficulties,
     sample_rollouts,
     score_rewards,
@@ -46,7 +51,16 @@ from sparring.lsp_rollouts import (
 from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtype
 from sparring.rewards import SelfJudge
 from sparring.state import read_jsonl, write_jsonl
-from sparring.training.loop import load_latest_checkpoint, save_checkpoint
+from sparring.training.loop import (
+    NonFiniteLoss,
+    Preempted,
+    StopRequest,
+    end_step,
+    load_latest_checkpoint,
+    loop_state,
+    nonfinite_message,
+    save_checkpoint,
+)
 from sparring.training.optim import linear_schedule, make_optimizer
 
 
@@ -61,7 +75,6 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     if s.run_dir.is_done("final"):
         return write_report(s)
     lsp, tok, acc = cfg.lsp, s.tokenizer, s.accelerator
-    n, g = lsp.num_queries, lsp.answers_per_query
 
     torch.manual_seed(cfg.train.seed)
     model, reference = build_policy_and_reference(cfg, acc.device)
@@ -79,43 +92,16 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     s.logger.open_tensorboard(purge_step=start + 1)
     samples_path = s.run_dir.root / "samples.jsonl"
     samples = [r for r in read_jsonl(samples_path) if r["step"] <= start] if samples_path.exists() else []
+    state = loop_state(checkpoints, start)  # skipped_steps, carried across resumes
     evaluate(s, model, start)
 
-    for step in range(start + 1, lsp.steps + 1):
-        # 1–2. N challenger queries, G solver answers each, from the current θ
-        r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
-                            batch_size=cfg.generation.batch_size, prompts=prompts)
-
-        # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
-        scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
-        quality, fallbacks = None, 0
-        if judge is not None:
-            graded = judge([q for q in r.queries for _ in range(g)], r.answers)
-            quality = torch.tensor(graded.scores, dtype=torch.float64).view(n, g)  # (N, G) R_Q
-            fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
-        adv = lsp_advantages(scored.rewards, quality, scale_std=lsp.scale_std, keep=scored.keep)
-
-        # 4–5. L_Sol + α_Ch·L_Ch, accumulated in micro-batches, then one optimizer step
-        sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
-                                  batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch, query_difficulties(lsp))
-        row.update({"grad_norm": float(grad_norm), "lr": lr, "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
-        if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps):
-            s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
-        if s.main and step % lsp.sample_every == 0:
-            samples += sample_rows(step, r, scored.rewards, quality, adv)
-            write_jsonl(samples_path, samples)  # rewritten whole, so a resume never duplicates rows
-        if step % lsp.save_every == 0 and step < lsp.steps:
-            save_checkpoint(acc, scheduler, checkpoints, step)
-            if s.main:
-                s.run_dir.mark_done(f"step{step}", {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
-        evaluate(s, model, step)
+    try:
+        with StopRequest() as stop:
+            for step in range(start + 1, lsp.steps + 1):
+                lsp_step(s, step, model, reference, optimizer, scheduler, reward_fn, judge, prompts, samples, state, stop)
+    except (Preempted, NonFiniteLoss):
+        s.logger.close()
+        raise
 
     save_final(s, model, cfg)
     if s.main:
@@ -125,6 +111,64 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     del model
     stages.release(s)
     return write_report(s)
+
+
+def lsp_step(s: stages.Session, step: int, model, reference, optimizer, scheduler, reward_fn, judge, prompts,
+             samples: list[dict], state: dict, stop: StopRequest) -> None:
+    """One LSP step (Algorithm 1's loop body): rollouts, rewards, one update, logs, checkpoint, evaluation.
+
+    A non-finite loss or gradient norm raises ``NonFiniteLoss`` before the update, or skips it
+    (``train.on_nonfinite``); after a stop signal the step ends with a checkpoint and ``Preempted``
+    (both decided by the shared loop's ``end_step``)."""
+    cfg, tok, acc = s.cfg, s.tokenizer, s.accelerator
+    lsp, checkpoints = cfg.lsp, s.run_dir.root / "checkpoints"
+    n, g = lsp.num_queries, lsp.answers_per_query
+    # 1–2. N challenger queries, G solver answers each, from the current θ
+    r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
+                        batch_size=cfg.generation.batch_size, prompts=prompts)
+
+    # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
+    scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
+    quality, fallbacks = None, 0
+    if judge is not None:
+        graded = judge([q for q in r.queries for _ in range(g)], r.answers)
+        quality = torch.tensor(graded.scores, dtype=torch.float64).view(n, g)  # (N, G) R_Q
+        fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
+    adv = lsp_advantages(scored.rewards, quality, scale_std=lsp.scale_std, keep=scored.keep)
+
+    # 4–5. L_Sol + α_Ch·L_Ch, accumulated in micro-batches, then one optimizer step
+    sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
+                              batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
+    end = end_step(acc, model, cfg.train, {}, {}, sol["nonfinite"] + (ch["nonfinite"] if ch else []), stop)
+    if end.nonfinite and cfg.train.on_nonfinite == "error":
+        rows = prompt_indices(len(prompts), n, seed=cfg.generation.seed, step=step) if prompts else None
+        raise NonFiniteLoss(nonfinite_message(f"LSP step {step} of {lsp.steps}", nonfinite_what(sol, ch, g, end.grad_norm, rows),
+                                              checkpoints, state["checkpoint"]))
+    lr = scheduler.get_last_lr()[0]
+    if end.nonfinite:  # skip_step: the gradients are dropped and the schedule waits, as in the shared loop
+        state["skipped_steps"] += 1
+    else:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch, query_difficulties(lsp))
+    row.update({"grad_norm": end.grad_norm, "lr": lr, "skipped_steps": state["skipped_steps"],
+                "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
+    if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps or end.stopping):
+        s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
+    if s.main and step % lsp.sample_every == 0:
+        samples.extend(sample_rows(step, r, scored.rewards, quality, adv))
+        write_jsonl(s.run_dir.root / "samples.jsonl", samples)  # rewritten whole, so a resume never duplicates rows
+    if (step % lsp.save_every == 0 and step < lsp.steps) or end.stopping:
+        state["checkpoint"] = step
+        save_checkpoint(acc, scheduler, checkpoints, step, loop_state=state)
+        if s.main:
+            s.run_dir.mark_done(f"step{step}", {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
+    if end.stopping:  # the rerun evaluates this step (if due) before it goes on
+        raise Preempted(f"stopped by a signal after LSP step {step} of {lsp.steps}; checkpoint "
+                        f"{checkpoints / f'step-{step:08d}'}; rerun the same command to resume")
+    evaluate(s, model, step)
 
 
 def build_policy_and_reference(cfg: RunConfig, device):

@@ -212,8 +212,9 @@ def train(
                                                       loss_scale=loss_scale)
                 end = end_step(accelerator, model, cfg, sums, shares, bad, stop)
                 if end.nonfinite and cfg.on_nonfinite == "error":
-                    raise NonFiniteLoss(nonfinite_message(accelerator, bad, plan[step], f"{where} step {done} of {total}",
-                                                          end.grad_norm, checkpoints, state["checkpoint"]))
+                    what = nonfinite_records(accelerator, bad, plan[step], end.grad_norm)
+                    raise NonFiniteLoss(nonfinite_message(f"{where} step {done} of {total}", what, checkpoints,
+                                                          state["checkpoint"]))
                 lr = scheduler.get_last_lr()[0]
                 if end.nonfinite:  # skip_step: the gradients are dropped and the schedule waits
                     state["skipped_steps"] += 1
@@ -293,17 +294,22 @@ def run_micro_batches(model, records, step: list[list[int]], collate, loss_step,
     return sums, shares, bad
 
 
-def nonfinite_message(accelerator, bad: list[int], step: list[list[int]], where: str, grad_norm: float,
-                      checkpoints: Path, checkpoint: int) -> str:
-    """What stopped the run: the step, the records with a non-finite loss (from every process), what is kept."""
+def nonfinite_records(accelerator, bad: list[int], step: list[list[int]], grad_norm: float) -> str:
+    """The records of a non-finite step: those with a non-finite loss (from every process), or all of them."""
     from accelerate.utils import gather_object
 
     bad = sorted(set(gather_object(bad)))  # a collective: every process is here, on the same step
     what = (f"a non-finite loss on training records {bad}" if bad else
             f"a non-finite gradient norm ({grad_norm}) on training records {sorted(i for m in step for i in m)}")
+    return f"{what} (positions in the records the method built)"
+
+
+def nonfinite_message(where: str, what: str, checkpoints: Path, checkpoint: int) -> str:
+    """What stopped the run (``where``: the step; ``what``: what was not finite, on which rows) and what is kept.
+    Shared by the epoch loop and LSP's online loop."""
     kept = f"the last checkpoint, step {checkpoint}, is kept in {checkpoints}" if checkpoint else "no checkpoint yet"
-    return (f"{where}: {what} (positions in the records the method built); nothing was "
-            f"saved from this step and {kept}; train.on_nonfinite=skip_step skips such steps")
+    return (f"{where}: {what}; nothing was saved from this step and {kept}; "
+            "train.on_nonfinite=skip_step skips such steps")
 
 
 def _same(row: dict, fields: dict[str, Any]) -> bool:
