@@ -98,3 +98,13 @@ def test_replace_section_keeps_the_rest_and_appends_when_absent():
     new = g.replace_section(text, "<!-- lsp:start -->\nnew\n<!-- lsp:end -->")
     assert new == "# R\n\n<!-- lsp:start -->\nnew\n<!-- lsp:end -->\nafter\n"
     assert g.replace_section("# R\n", "S") == "# R\n\nS\n"
+
+
+def test_the_quickstart_is_the_full_experiment_cut_to_one_seed_one_rate_and_fewer_steps():
+    full = g.load(REPO / "configs" / "experiments" / "lsp.yaml")
+    quick = g.load(REPO / "configs" / "experiments" / "lsp-quick.yaml")
+    assert quick.arms == ["lsp_zero", "grpo_data", "sft"] and quick.seeds == [0] and len(quick.lr_grid) == 1
+    assert quick.lr_grid[0] in full.lr_grid and quick.steps < full.steps
+    assert not quick.report.startswith("docs/")  # the demo never rewrites docs/RESULTS.md
+    cut = {"arms", "seeds", "lr_grid", "steps", "output_dir", "report", "plot"}
+    assert {k: v for k, v in vars(quick).items() if k not in cut} == {k: v for k, v in vars(full).items() if k not in cut}

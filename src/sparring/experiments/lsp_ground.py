@@ -470,7 +470,11 @@ def replace_section(text: str, section: str, start: str = START, end: str = END)
 def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, chosen: dict, final: list[Job], *,
                  wall_seconds: float, command: str) -> Path:
     from sparring.evaluation.metrics import paired_bootstrap, seed_spread
-    from sparring.experiments.report import fmt, mean_over_seeds
+    from sparring.experiments.report import fmt, mean_over_seeds, over_seeds
+
+    def spread(values: list[float]) -> tuple[float, float | None]:  # no ± for a single seed
+        mean, std = seed_spread(values)
+        return mean, (std if len(values) > 1 else None)
 
     base = load_test(root / "test" / "theta0.json")
     arms = list(chosen)
@@ -488,7 +492,7 @@ def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, ch
     n_test = len(test.examples)
 
     def cell(runs: list[dict], metric: str) -> str:
-        return fmt(*seed_spread([r["scores"].summary()[metric] for r in runs]))
+        return fmt(*spread([r["scores"].summary()[metric] for r in runs]))
 
     lines = [START, "## LSP at the edge of competence (GRPO, LSP-Zero vs GRPO on data and continued SFT)", ""]
     lines += [
@@ -534,12 +538,12 @@ def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, ch
         cells = ", ".join(f"{lr:g}: {validation_score(root, Job(a, lr, cfg.seeds[0]), cfg.steps):.3f}" for lr in cfg.lr_grid)
         lines.append(f"| {a} | {cells} | {chosen[a]:g} |")
     b = base["scores"].summary()
-    lines += ["", f"**Test ({n_test} prompts), mean ± std over {len(cfg.seeds)} seeds.** θ0: greedy exact match "
+    lines += ["", f"**Test ({n_test} prompts), {over_seeds(cfg.seeds)}.** θ0: greedy exact match "
               f"{b['exact_match']:.3f}, sampled pass@1 {b['pass@1']:.3f}.", "",
               "| arm | step | greedy exact match | sampled pass@1 | challenger validity |", "|---|---|---|---|---|"]
     for a in arms:
         for s in steps:
-            validity = fmt(*seed_spread([min(r["on_difficulty"].values()) for r in per[a][s]]))
+            validity = fmt(*spread([min(r["on_difficulty"].values()) for r in per[a][s]]))
             lines.append(f"| {a} (lr {chosen[a]:g}) | {s} | {cell(per[a][s], 'exact_match')} | "
                          f"{cell(per[a][s], 'pass@1')} | {validity} |")
     lines += ["", f"**Per difficulty at step {last}** (greedy exact match / sampled pass@1, mean over seeds).", "",
@@ -609,6 +613,7 @@ def plot(cfg: LspGroundConfig, base: dict, per: dict, chosen: dict, hists: dict,
     import matplotlib.pyplot as plt
 
     from sparring.evaluation.metrics import seed_spread
+    from sparring.experiments.report import over_seeds
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, m in zip(axes, ("exact_match", "pass@1")):
@@ -626,7 +631,7 @@ def plot(cfg: LspGroundConfig, base: dict, per: dict, chosen: dict, hists: dict,
     axes[2].set(title="V(q) over training (share of queries)", xticks=[x + 0.4 - width / 2 for x in range(len(labels))])
     axes[2].set_xticklabels(labels)
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"LSP at the edge of competence: test split, mean ± std over {len(cfg.seeds)} seeds")
+    fig.suptitle(f"LSP at the edge of competence: test split, {over_seeds(cfg.seeds)}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -66,8 +66,14 @@ def last_epoch_metrics(run: Path, iterations: int) -> list[dict]:
     return out
 
 
-def fmt(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}"
+def fmt(mean: float, std: float | None) -> str:
+    """mean ± std; the mean alone when there is no spread to show (one seed: std None)."""
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def over_seeds(seeds: list) -> str:
+    """The table caption's statistic: "mean ± std over n seeds", or "one seed" (no spread)."""
+    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else "one seed (no spread)"
 
 
 def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: list, *, wall_seconds: float,
