@@ -9,6 +9,9 @@ that iteration (SPIN lowers the learning rate at iteration 2 and raises the scal
     per_iteration:
       2: {train.lr: 1.0e-7}
       3: {train.lr: 1.0e-7, spin.scale: 5.0}
+
+Only the fields in ``PER_ITERATION_FIELDS`` (the ones an iteration reads from its own config) may be
+overridden there; any other key is refused, since the run would silently ignore it.
 """
 
 from __future__ import annotations
@@ -175,6 +178,10 @@ class LspConfig:
     query_max_new_tokens: int = 64
     answer_max_new_tokens: int = 64
     judge_max_new_tokens: int = 256
+    # variant self_reward: the grading prompt π_Ref answers, with {instruction} and {response} slots; None:
+    # the built-in additive 0–7 rubric (rewards.self_judge.SELF_REWARD_PROMPT, spec B.5). The reply is
+    # parsed the same way either way (<Score>…</Score>, else <Calculation>…</Calculation>, else 0).
+    self_reward_prompt: str | None = None
     temperature: float = 1.0
     eval_every: int = 50  # K: held-out evaluation
     save_every: int = 50  # K: checkpoint for resume
@@ -277,6 +284,69 @@ RESUMABLE_FIELDS = (
     "eval",
     "model.build_proving_ground",
 )
+
+
+# The fields an iteration of SPIN, T-SPIN or TPAW reads from ``cfg.for_iteration(t)``: the only ones
+# ``per_iteration`` may set (``validate`` refuses the rest). A method section counts for its method only.
+PER_ITERATION_FIELDS = (
+    # stages.generate builds the generator (hf or vllm), its SamplingParams, seed and batch size on every
+    # call; stages.kept (on_truncated) picks the rows that train
+    "generation",
+    # training/loop.py train() and training/optim.py, given icfg.train
+    "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.epochs",
+    "train.batch_size", "train.grad_accum", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
+    "train.on_nonfinite",
+    # score_sequences: SPIN's opponent and TPAW's team log-prob passes
+    "train.logprob_batch_size",
+    # algorithms/spin.py: build_pairs (mix_previous) and spin_step
+    "spin.scale", "spin.loss", "spin.mix_previous", "spin.nll_coef",
+    # algorithms/tspin.py: β_t (history_weight) and tspin_step
+    "tspin.scale", "tspin.loss", "tspin.history_weight",
+    # algorithms/tpaw.py: team (max_team_size), team_logps and tpaw_step
+    "tpaw.scale", "tpaw.target_weight_eta", "tpaw.player_temperature_gamma", "tpaw.max_team_size",
+    "tpaw.detach_player_weights", "tpaw.every_player_scores_every_row", "tpaw.logprob_reduction", "tpaw.nll_coef",
+)
+ITERATIVE_METHODS = ("spin", "tspin", "tpaw")
+
+# Why some fields that an iteration may seem to read are not per-iteration: the run reads them from its
+# own config (a per-iteration value would apply in part, or not at all). The rest are read once at the start.
+NOT_PER_ITERATION = {
+    "model": "every iteration loads θ_t and the tokenizer with the run's model: settings",
+    "eval": "every evaluation uses the run's eval: settings",
+    "peft": "every iteration's adapters are set up from the run's peft: section (and TPAW loads the team as θ_t is)",
+    "lsp": "only method lsp reads the lsp: section",
+    "data.max_length": "it also cuts every real y and the held-out rows once, when the data loads, so a per-iteration "
+                       "value would cut y′ and y differently",
+    "spin.use_dataset_generated": "it decides where iteration 0's y′ come from, and every later iteration that mixes "
+                                  "iteration 0 in reads it again with its own config: set it for the whole run",
+    "train.seed": "LoRA adapters are drawn from the run's train.seed (stages.load_iterate)",
+    "train.gradient_checkpointing": "LoRA adapters are set up for it from the run's config (stages.load_iterate)",
+}
+
+
+def _is_under(key: str, prefixes) -> str | None:
+    """The entry of ``prefixes`` that ``key`` is, or lies under."""
+    return next((p for p in prefixes if key == p or key.startswith(p + ".")), None)
+
+
+def _check_per_iteration_key(cfg: RunConfig, key: str, iteration: int) -> None:
+    fields = f"per-iteration fields are: {', '.join(_per_iteration_fields(cfg.method))}"
+    section = key.split(".")[0]
+    if section in ITERATIVE_METHODS and section != cfg.method:
+        raise ConfigError(f"per_iteration.{iteration}: '{key}' is a {section} setting and this run's method is "
+                          f"{cfg.method}; {fields}")
+    if _is_under(key, PER_ITERATION_FIELDS):
+        return
+    special = _is_under(key, NOT_PER_ITERATION)
+    why = f"is not per iteration: {NOT_PER_ITERATION[special]}" if special else \
+        "is read once at the start of a run, not per iteration"
+    raise ConfigError(f"per_iteration.{iteration}: '{key}' {why}; {fields}")
+
+
+def _per_iteration_fields(method: str) -> list[str]:
+    """The whitelist as a user of ``method`` may write it (generation.* for the section prefix)."""
+    mine = [f for f in PER_ITERATION_FIELDS if f.split(".")[0] not in ITERATIVE_METHODS or f.startswith(method + ".")]
+    return [f if "." in f else f + ".*" for f in mine]
 
 
 # Keys that moved to another section: a config that still uses one is told where it went.
@@ -431,33 +501,41 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: RunConfig) -> None:
     """Checks across fields, and that every per-iteration override names a real field."""
     base = to_dict(cfg)
+    if cfg.per_iteration and cfg.method not in ITERATIVE_METHODS:
+        raise ConfigError(f"per_iteration: method {cfg.method} has no iterations (one online loop of "
+                          f"{cfg.method}.steps steps) and never reads per_iteration; remove it")
     for iteration, overrides in cfg.per_iteration.items():
         if iteration < 0:
             raise ConfigError(f"per_iteration: iteration {iteration} must be >= 0")
         for key in overrides:
-            # peft: every iteration's adapters sit on θ_t alike (and TPAW loads the team as θ_t is).
-            if key.startswith(("per_iteration", "peft.")) or key in ("method", "output_dir", "peft"):
-                raise ConfigError(f"per_iteration.{iteration}: '{key}' cannot change per iteration")
             _check_key(base, key, iteration)
-        _check_nll_coefs(cfg.for_iteration(iteration), f"per_iteration.{iteration}: ")  # also type-checks
+            _check_per_iteration_key(cfg, key, iteration)
+        _check_iteration_fields(cfg.for_iteration(iteration), f"per_iteration.{iteration}: ")  # also type-checks
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
-        raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise ConfigError("train.warmup_ratio must be in [0, 1)")
     if cfg.spin.iterations < 1:
         raise ConfigError("spin.iterations must be >= 1")
-    if cfg.spin.mix_previous < 0:
-        raise ConfigError("spin.mix_previous must be >= 0")
-    _check_nll_coefs(cfg)
-    if cfg.generation.on_truncated == "penalize" and cfg.method != "lsp":
-        raise ConfigError(
-            "generation.on_truncated=penalize gives truncated answers the lowest reward, which only a rewarded "
-            f"method (lsp) has; {cfg.method} already pushes every y′ down: use keep or drop"
-        )
+    _check_iteration_fields(cfg)
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
+
+
+def _check_iteration_fields(cfg: RunConfig, where: str = "") -> None:
+    """Checks of fields that ``per_iteration`` may set: run on the config and on each iteration's."""
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError(f"{where}train.epochs, train.batch_size and train.grad_accum must be >= 1")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        raise ConfigError(f"{where}train.warmup_ratio must be in [0, 1)")
+    if cfg.spin.mix_previous < 0:
+        raise ConfigError(f"{where}spin.mix_previous must be >= 0")
+    if cfg.tpaw.max_team_size < 1:  # 0 would leave a TPAW round without players
+        raise ConfigError(f"{where}tpaw.max_team_size must be >= 1")
+    _check_nll_coefs(cfg, where)
+    if cfg.generation.on_truncated == "penalize" and cfg.method != "lsp":
+        raise ConfigError(
+            f"{where}generation.on_truncated=penalize gives truncated answers the lowest reward, which only a rewarded "
+            f"method (lsp) has; {cfg.method} already pushes every y′ down: use keep or drop"
+        )
 
 
 def _check_nll_coefs(cfg: RunConfig, where: str = "") -> None:
@@ -493,6 +571,8 @@ def _validate_lsp(lsp: LspConfig) -> None:
         raise ConfigError("lsp.prompts is read only with lsp.query_source=data; set it, or remove lsp.prompts")
     if lsp.difficulties and "{difficulty}" not in (lsp.challenger_prompt or ""):
         raise ConfigError("lsp.difficulties needs a {difficulty} slot in lsp.challenger_prompt")
+    if lsp.self_reward_prompt is not None and not all(s in lsp.self_reward_prompt for s in ("{instruction}", "{response}")):
+        raise ConfigError("lsp.self_reward_prompt needs an {instruction} and a {response} slot")
     if lsp.reward.kind == "reward_model" and not lsp.reward.reward_model:
         raise ConfigError("lsp.reward.kind=reward_model needs lsp.reward.reward_model (a Hub id or local directory)")
     if lsp.reward.kind == "function" and not lsp.reward.function:

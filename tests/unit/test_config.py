@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import REPO
 
-from sparring.config import ConfigError, RunConfig, fingerprint, load_config
+from sparring.config import (
+    NOT_PER_ITERATION,
+    PER_ITERATION_FIELDS,
+    ConfigError,
+    GenerationConfig,
+    RunConfig,
+    fingerprint,
+    load_config,
+)
 from sparring.state import RunDir
 
 
@@ -74,8 +85,136 @@ def test_per_iteration_unknown_key_and_bad_value(tmp_path):
         load_config(write(tmp_path, {"per_iteration": {1: {"train.lrate": 1.0}}}))
     with pytest.raises(ConfigError, match="expected float"):
         load_config(write(tmp_path, {"per_iteration": {1: {"train.lr": "fast"}}}))
-    with pytest.raises(ConfigError, match="cannot change per iteration"):
+    with pytest.raises(ConfigError, match="'output_dir' is read once at the start of a run, not per iteration"):
         load_config(write(tmp_path, {"per_iteration": {1: {"output_dir": "x"}}}))
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("spin", "spin.scale", 5.0), ("spin", "spin.mix_previous", 0),
+    ("tspin", "tspin.history_weight", [0.5]), ("tpaw", "tpaw.target_weight_eta", 2.0),
+    ("tpaw", "tpaw.max_team_size", 2), ("spin", "generation.temperature", 0.7), ("tpaw", "train.epochs", 3),
+])
+def test_a_per_iteration_field_changes_only_its_iteration(tmp_path, method, key, value):
+    cfg = load_config(write(tmp_path, {"method": method, "per_iteration": {1: {key: value}}}))
+    section, name = key.split(".")
+
+    def read(t):
+        return getattr(getattr(cfg.for_iteration(t), section), name)
+
+    assert read(1) == value and read(0) == read(2) == getattr(getattr(cfg, section), name) != value
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("data.source", "other.jsonl", "is read once at the start of a run, not per iteration"),
+    ("train.mixed_precision", "no", "is read once at the start of a run, not per iteration"),
+    ("spin.iterations", 9, "is read once at the start of a run, not per iteration"),
+    ("model.name_or_path", "other", "is not per iteration: every iteration loads θ_t"),
+    ("eval.num_examples", 3, "is not per iteration: every evaluation"),
+    ("data.max_length", 80, "is not per iteration: it also cuts every real y"),
+    ("spin.use_dataset_generated", False, "is not per iteration: it decides where iteration 0's y′ come from"),
+    ("train.seed", 1, "is not per iteration: LoRA adapters are drawn"),
+    ("lsp.kl_coef", 0.1, "is not per iteration: only method lsp reads"),
+])
+def test_a_field_not_read_per_iteration_is_refused(tmp_path, key, value, why):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {"per_iteration": {2: {key: value}}}))
+    message = str(err.value)
+    assert message.startswith(f"per_iteration.2: '{key}' {why}")
+    assert message.endswith("per-iteration fields are: generation.*, train.optimizer, train.lr, train.weight_decay, "
+                            "train.warmup_ratio, train.epochs, train.batch_size, train.grad_accum, "
+                            "train.max_grad_norm, train.save_steps, train.logging_steps, train.on_nonfinite, "
+                            "train.logprob_batch_size, spin.scale, spin.loss, spin.mix_previous, spin.nll_coef")
+
+
+def test_another_method_section_is_refused_per_iteration(tmp_path):
+    with pytest.raises(ConfigError, match=r"per_iteration\.1: 'spin\.scale' is a spin setting and this run's method "
+                                          r"is tpaw; per-iteration fields are: .*tpaw\.scale"):
+        load_config(write(tmp_path, {"method": "tpaw", "per_iteration": {1: {"spin.scale": 1.0}}}))
+
+
+def test_per_iteration_values_are_checked_like_the_run_ones(tmp_path):
+    for key, value, message in [("train.epochs", 0, "train.epochs, train.batch_size"),
+                                ("generation.on_truncated", "penalize", "generation.on_truncated=penalize"),
+                                ("tpaw.max_team_size", 0, "tpaw.max_team_size must be >= 1")]:
+        with pytest.raises(ConfigError, match=rf"^per_iteration\.1: {message}"):
+            load_config(write(tmp_path, {"method": "tpaw", "per_iteration": {1: {key: value}}}))
+
+
+def test_lsp_has_no_iterations_so_per_iteration_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="method lsp has no iterations .* never reads per_iteration; remove it"):
+        load_config(str(REPO / "configs" / "lsp" / "tiny.yaml"), ["per_iteration={1: {train.lr: 1.0e-7}}"])
+
+
+def run_configs() -> list[Path]:
+    """Every shipped run config (configs/experiments holds experiment specs, configs/accelerate launcher files)."""
+    skip = {REPO / "configs" / "experiments", REPO / "configs" / "accelerate"}
+    return sorted(p for p in (REPO / "configs").glob("**/*.yaml") if not skip & set(p.parents))
+
+
+@pytest.mark.parametrize("path", run_configs(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_run_config_loads(path):
+    assert load_config(path).method in ("spin", "tspin", "tpaw", "lsp")
+
+
+class Recorder:
+    """A config (or section) that notes every field read through it, as dotted keys."""
+
+    __slots__ = ("_obj", "_prefix", "_seen")
+
+    def __init__(self, obj, prefix: str, seen: set[str]):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_seen", seen)
+
+    def __getattr__(self, name):
+        value = getattr(self._obj, name)
+        if dataclasses.is_dataclass(value):
+            return Recorder(value, f"{self._prefix}{name}.", self._seen)
+        self._seen.add(self._prefix + name)
+        return value
+
+    @property
+    def __dict__(self):  # vars(section): every field is read
+        self._seen.update(self._prefix + f.name for f in dataclasses.fields(self._obj))
+        return vars(self._obj)
+
+
+def _allowed(key: str, method: str) -> bool:
+    section = key.split(".")[0]
+    if section in ("spin", "tspin", "tpaw") and section != method:
+        return False
+    return any(key == f or key.startswith(f + ".") for f in (*PER_ITERATION_FIELDS, *NOT_PER_ITERATION))
+
+
+def test_the_per_iteration_whitelist_is_what_an_iteration_reads(tmp_path, monkeypatch):
+    """One tiny iteration of each method through a recording proxy of cfg.for_iteration(t): every field
+    it reads is whitelisted (or listed with the reason it is not), and every whitelisted one is read."""
+    from sparring.algorithms import get
+    from sparring.config import SftConfig
+    from sparring.tasks import build_tiny_model, build_tokenizer
+    from sparring.tasks.sft import write_data
+
+    train_path, _ = write_data(SftConfig(output_dir=str(tmp_path / "ground"), num_train=8, num_eval=4))
+    tok = build_tokenizer()
+    build_tiny_model(tok, hidden_size=32, layers=1, heads=2).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    original = RunConfig.for_iteration
+    every_generation_field = [f"generation.{f.name}" for f in dataclasses.fields(GenerationConfig)]
+    for method in ("spin", "tspin", "tpaw"):
+        seen: set[str] = set()
+        monkeypatch.setattr(RunConfig, "for_iteration", lambda self, t, seen=seen: Recorder(original(self, t), "", seen))
+        cfg = load_config(str(REPO / "configs" / method / "tiny.yaml"), [
+            f"output_dir={tmp_path / method}", f"model.name_or_path={tmp_path / 'base'}",
+            "model.build_proving_ground=false", f"data.source={train_path}", "data.num_prompts=4", "eval.source=null",
+            "generation.max_new_tokens=4", "generation.batch_size=4", "train.batch_size=4", f"{method}.iterations=1",
+        ])
+        get(method)(cfg)
+        assert sorted(k for k in seen if not _allowed(k, method)) == []
+        whitelist = [k for f in PER_ITERATION_FIELDS for k in (every_generation_field if f == "generation" else [f])]
+        # read only by the vllm backend / when a step is not finite; T-SPIN has no log-prob pass
+        unread = {"generation.vllm_gpu_memory_utilization", "train.on_nonfinite"}
+        unread |= {"train.logprob_batch_size"} if method == "tspin" else set()
+        assert sorted(k for k in whitelist if _allowed(k, method) and k not in seen and k not in unread) == []
 
 
 def test_cross_field_validation():

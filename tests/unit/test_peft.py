@@ -82,7 +82,7 @@ def test_the_lora_example_config_turns_lora_on():
 def test_peft_cannot_change_per_iteration(tmp_path):
     path = tmp_path / "per.yaml"
     path.write_text("per_iteration:\n  1: {peft.r: 8}\n")
-    with pytest.raises(ConfigError, match="'peft.r' cannot change per iteration"):
+    with pytest.raises(ConfigError, match="'peft.r' is not per iteration"):
         load_config(path)
 
 
