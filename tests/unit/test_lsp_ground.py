@@ -106,5 +106,38 @@ def test_the_quickstart_is_the_full_experiment_cut_to_one_seed_one_rate_and_fewe
     assert quick.arms == ["lsp_zero", "grpo_data", "sft"] and quick.seeds == [0] and len(quick.lr_grid) == 1
     assert quick.lr_grid[0] in full.lr_grid and quick.steps < full.steps
     assert not quick.report.startswith("docs/")  # the demo never rewrites docs/RESULTS.md
-    cut = {"arms", "seeds", "lr_grid", "steps", "output_dir", "report", "plot"}
+    cut = {"arms", "seeds", "lr_grid", "steps", "output_dir", "report", "plot", "judge_probe", "judge_rows_per_difficulty"}
+    assert quick.judge_rows_per_difficulty == 0  # no lsp arm: θ0 is not taught to grade (faster SFT)
     assert {k: v for k, v in vars(quick).items() if k not in cut} == {k: v for k, v in vars(full).items() if k not in cut}
+
+
+def test_rubric_scores_the_seven_criteria_of_the_self_reward_prompt():
+    cfg = g.load(CONFIG)  # reverse, difficulties 3–5
+    q = "Reverse the word abcd."
+    assert g.rubric(cfg, q, "dcba") == 7
+    assert g.rubric(cfg, q, "dcbb") == 5  # its letters and length, not its multiset, not right
+    assert g.rubric(cfg, q, "abcd") == 6  # a rearrangement, not the answer
+    assert g.rubric(cfg, q, "dcbz") == 4  # a letter the answer does not have: criteria 4, 6, 7 fail
+    assert g.rubric(cfg, q, "") == 2  # empty: only the instruction's two points
+    assert g.rubric(cfg, "Reverse the word ab.", "ba") == 6  # difficulty 2 was not asked for
+    assert g.rubric(cfg, "Reverse the wo", "dcba") == 1  # not a task: only a one-line answer counts
+
+
+def test_judge_rows_teach_the_prompt_format_with_rubric_scores():
+    from sparring.rewards.self_judge import parse_quality_score
+
+    class Example:
+        def __init__(self, q):
+            self.prompt = [{"role": "user", "content": q}]
+
+    cfg = g.load(CONFIG, ["judge_rows_per_difficulty=5"])
+    train = type("T", (), {"examples": [Example(f"Reverse the word {w}.") for w in
+                                        ["abc", "abd", "abcd", "abce", "abcde", "bcdef"] * 4]})()
+    rows = g.judge_rows(cfg, train)
+    assert len(rows) == 15  # 5 per difficulty 3, 4, 5
+    for prompt, reply in rows:
+        assert prompt.startswith("Grade 0-7. Q: ") and " A: " in prompt
+        score = parse_quality_score(reply)
+        assert score.source == "score" and 0 <= score.score <= 7
+    assert g.judge_rows(cfg, train) == rows  # seeded
+    assert g.judge_rows(g.load(CONFIG, ["judge_rows_per_difficulty=0"]), train) == []

@@ -50,6 +50,7 @@ from sparring.lsp_rollouts import (
 )
 from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtype
 from sparring.rewards import SelfJudge
+from sparring.rewards.self_judge import SELF_REWARD_PROMPT
 from sparring.state import read_jsonl, write_jsonl
 from sparring.training.loop import (
     NonFiniteLoss,
@@ -79,7 +80,9 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
     model, reference = build_policy_and_reference(cfg, acc.device)
     reward_fn = make_reward(lsp, device=acc.device, dtype=resolve_dtype(cfg.model.dtype))
-    judge = SelfJudge(judge_generate(reference, tok, lsp, cfg.generation.batch_size)) if lsp.variant == "self_reward" else None
+    judge = (SelfJudge(judge_generate(reference, tok, lsp, cfg.generation.batch_size),
+                       prompt=lsp.self_reward_prompt or SELF_REWARD_PROMPT)
+             if lsp.variant == "self_reward" else None)
     prompts = load_prompts(lsp.prompts) if lsp.query_source == "data" else None
     optimizer = make_optimizer(model.parameters(), cfg.train)
     # Stepped by hand once per LSP step and saved beside accelerate's state (as in the shared loop).

@@ -23,9 +23,11 @@ def read_config(cls, path: str | Path, overrides: list[str] | None, *, name: str
 
     from sparring.config import _set_dotted, parse_overrides
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
+    given = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(given, dict):
         raise ConfigError(f"{path}: expected a mapping of experiment settings")
+    # every field can be overridden, also one the file leaves at its default (an unknown one is refused)
+    data = {**dataclasses.asdict(cls()), **given}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     has_field = "experiment" in {f.name for f in dataclasses.fields(cls)}

@@ -86,6 +86,13 @@ class LspGroundConfig:
     min_validity: float = 0.9  # … and challenger validity (parseable, at the asked difficulty) ≥ this
     validity_samples: int = 32  # challenger queries per difficulty in each validity measurement
     judge_probe: int = 4  # θ0 answers graded by the self-reward judge in the feasibility probe
+    # The self-reward judge. A character-level model trained from scratch has no judging ability of its own
+    # (the built-in rubric prompt alone is longer than its context), so θ0's SFT also teaches it to grade:
+    # judge_rows_per_difficulty rows of (judge_prompt filled with a query and an answer → "<Score>k</Score>"),
+    # k = rubric(...) over the paper's seven criteria made concrete for the task; 0 rows: not taught.
+    judge_prompt: str = "Grade 0-7. Q: {instruction} A: {response}"
+    judge_rows_per_difficulty: int = 0
+    judge_max_new_tokens: int = 16
     preset: str = "configs/lsp/tiny.yaml"
     arms: list[str] = field(default_factory=lambda: ["grpo_gen", "lsp_zero", "grpo_data", "sft"])
     lr_grid: list[float] = field(default_factory=lambda: [1.0e-4, 3.0e-4])  # one grid shared by every arm
@@ -197,7 +204,68 @@ def sft_encoded(cfg: LspGroundConfig, tokenizer, train) -> list[tuple[list[int],
 
     solver = list(zip(train.prompt_ids, train.response_ids))
     pairs = [(fill(cfg, difficulty(e)), e.prompt[-1]["content"]) for e in train.examples]
-    return solver + challenger_pairs(tokenizer, pairs)
+    return solver + challenger_pairs(tokenizer, pairs + judge_rows(cfg, train))
+
+
+def rubric(cfg: LspGroundConfig, query: str, answer: str) -> int:
+    """The paper's additive 0–7 self-reward rubric (spec B.5), each criterion made checkable here:
+    1. the instruction is a task the verifier knows; 2. it asks for one of the experiment's difficulties;
+    3. the response is one non-empty line of at most 2·|y*| + 2 characters (y* the right answer; 16 when
+    the instruction is not a task); 4. it uses only y*'s characters; 5. it has y*'s length; 6. it is a
+    rearrangement of y*'s characters; 7. it is y*. Criteria 4–7 need y*: 0 for a non-task instruction."""
+    from sparring.tasks.problems import difficulty_of, solve
+
+    expected, a = solve(query), answer.strip()
+    score = int(expected is not None) + int(difficulty_of(query) in cfg.difficulties)
+    score += int(0 < len(a) <= (2 * len(expected) + 2 if expected else 16) and "\n" not in a)
+    if expected is not None:
+        score += int(bool(a) and set(a) <= set(expected)) + int(len(a) == len(expected))
+        score += int(sorted(a) == sorted(expected)) + int(a == expected)
+    return score
+
+
+def judge_rows(cfg: LspGroundConfig, train) -> list[tuple[str, str]]:
+    """θ0's grading lessons: (judge_prompt filled with (q, a), "<Score>rubric(q, a)</Score>") for the first
+    ``judge_rows_per_difficulty`` training queries of each difficulty. q: the query (80%), one of another
+    difficulty (10%) or its first half (10%); a: the right answer, one character changed, shuffled,
+    truncated or a random string of the task's alphabet (1/5 each). Seeded by data_seed."""
+    import random
+
+    from sparring.tasks.problems import make_problem, solve
+
+    rng = random.Random(cfg.data_seed + 17)
+    alphabet = "abcdefghijklmnopqrstuvwxyz" if cfg.family == "reverse" else "0123456789"
+    others = [d for d in range(1, max(cfg.difficulties) + 2) if d not in cfg.difficulties]
+    taken: dict[int, int] = {}
+    rows = []
+    for example in train.examples:
+        d = difficulty(example)
+        if taken.get(d, 0) >= cfg.judge_rows_per_difficulty:
+            continue
+        taken[d] = taken.get(d, 0) + 1
+        query = example.prompt[-1]["content"]
+        right = solve(query)
+        roll = rng.random()
+        if roll < 0.1 and others:
+            query = make_problem(rng, cfg.family, rng.choice(others))[0]
+            right = solve(query)
+        elif roll < 0.2:
+            query = query[: len(query) // 2]
+        kind = rng.randrange(5)
+        if kind == 0:
+            answer = right
+        elif kind == 1:
+            i = rng.randrange(len(right))
+            answer = right[:i] + rng.choice(alphabet) + right[i + 1 :]
+        elif kind == 2:
+            answer = "".join(rng.sample(right, len(right)))
+        elif kind == 3:
+            answer = right[: max(1, len(right) - 1 - rng.randrange(len(right) // 2 + 1))]
+        else:
+            answer = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, len(right) + 2)))
+        text = cfg.judge_prompt.replace("{instruction}", query).replace("{response}", answer)
+        rows.append((text, f"<Score>{rubric(cfg, query, answer)}</Score>"))
+    return rows
 
 
 def edge_score(pass1: float, validity: float, min_validity: float) -> float:
@@ -249,6 +317,7 @@ def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root
     from sparring.lsp_rollouts import Reference, judge_generate
     from sparring.modeling import load_model, load_tokenizer
     from sparring.rewards import SelfJudge
+    from sparring.rewards.self_judge import SELF_REWARD_PROMPT
 
     out = root / "judge_probe.json"
     if out.exists():
@@ -259,12 +328,20 @@ def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root
     idx = list(range(min(cfg.judge_probe, len(data.examples))))
     answers = HFGenerator(model, tokenizer).generate([data.prompt_ids[i] for i in idx],
                                                      SamplingParams.greedy(cfg.max_new_tokens), 0)
-    lsp = LspConfig(judge_max_new_tokens=32)
-    judge = SelfJudge(judge_generate(Reference(copy=model), tokenizer, lsp, batch_size=cfg.judge_probe))
+    lsp = LspConfig(judge_max_new_tokens=cfg.judge_max_new_tokens)
+    prompt = cfg.judge_prompt if cfg.judge_rows_per_difficulty else SELF_REWARD_PROMPT
+    judge = SelfJudge(judge_generate(Reference(copy=model), tokenizer, lsp, batch_size=cfg.judge_probe), prompt=prompt)
     start = time.time()
-    graded = judge([data.examples[i].prompt[-1]["content"] for i in idx], [a.text for a in answers])
+    queries, texts = [data.examples[i].prompt[-1]["content"] for i in idx], [a.text for a in answers]
+    graded = judge(queries, texts)
+    truth = [rubric(cfg, q, a) for q, a in zip(queries, texts)]
+    parsed = [(s, r) for s, r, ok in zip(graded.scores, truth, graded.valid) if ok]
     result = {"graded": len(idx), "parsed_frac": 1 - graded.num_fallbacks / len(idx),
-              "seconds_per_grade": (time.time() - start) / len(idx), "scores": list(graded.scores)}
+              "seconds_per_grade": (time.time() - start) / len(idx), "scores": list(graded.scores),
+              "rubric": truth, "taught": cfg.judge_rows_per_difficulty > 0,
+              # of the parsed grades: mean |grade − rubric| and the share exactly right
+              "abs_error": sum(abs(s - r) for s, r in parsed) / len(parsed) if parsed else None,
+              "exact": sum(s == r for s, r in parsed) / len(parsed) if parsed else None}
     from sparring.state import atomic_write_json
 
     atomic_write_json(out, result)
@@ -287,6 +364,8 @@ def lsp_overrides(cfg: LspGroundConfig, job: Job, out: Path, paths: dict[str, Pa
         "lsp.query_max_new_tokens": cfg.query_max_new_tokens, "lsp.answer_max_new_tokens": cfg.max_new_tokens,
         "lsp.challenger_prompt": cfg.challenger_prompt, "lsp.difficulties": [str(d) for d in cfg.difficulties],
         "lsp.query_source": "challenger", "lsp.prompts": None, "lsp.variant": "zero",
+        "lsp.self_reward_prompt": cfg.judge_prompt if cfg.judge_rows_per_difficulty else None,
+        "lsp.judge_max_new_tokens": cfg.judge_max_new_tokens,
         **ARM_SETTINGS[job.arm],
     }
     if job.arm == "grpo_data":
@@ -524,8 +603,16 @@ def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, ch
               + ", ".join(f"d={d}: {v:.2f}" for d, v in c["on_difficulty"].items())
               + f". SFT curve (step: pass@1/validity): {curve}. Plug-in share of groups with signal at "
               f"G = {g} from θ0's test pass rates: {expected_signal(base['scores'].correct, k, g):.2f}.", ""]
-    lines += [f"**Self-reward (LSP) feasibility.** θ0 graded {probe['graded']} of its own answers with the "
-              f"self-reward prompt: {probe['parsed_frac']:.0%} of the grades parsed "
+    taught = probe.get("taught", False)
+    how = (f"the short grading prompt \"{cfg.judge_prompt}\", taught in its SFT on "
+           f"{cfg.judge_rows_per_difficulty} rubric-graded rows per difficulty (a model trained from scratch has no "
+           "judging ability of its own; `rubric` makes the paper's seven criteria checkable: a known task, of an "
+           "asked difficulty, a one-line answer, of the answer's characters, length and multiset, and right)"
+           if taught else "the built-in rubric prompt (spec B.5)")
+    agreement = (f"; of the parsed grades {probe['exact']:.0%} equal the rubric's, mean |grade − rubric| "
+                 f"{probe['abs_error']:.2f}" if probe.get("exact") is not None else "")
+    lines += [f"**Self-reward (LSP) feasibility.** θ0 graded {probe['graded']} of its own greedy answers to "
+              f"validation prompts with {how}: {probe['parsed_frac']:.0%} of the grades parsed{agreement} "
               f"({probe['seconds_per_grade']:.2f} s per grade). "
               + ("The LSP arm ran." if "lsp" in arms else
                  "With no grade parsing R_Q ≡ 0 and LSP would be LSP-Zero at a judge pass's cost: the arm is "
