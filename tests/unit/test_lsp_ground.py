@@ -141,3 +141,20 @@ def test_judge_rows_teach_the_prompt_format_with_rubric_scores():
         assert score.source == "score" and 0 <= score.score <= 7
     assert g.judge_rows(cfg, train) == rows  # seeded
     assert g.judge_rows(g.load(CONFIG, ["judge_rows_per_difficulty=0"]), train) == []
+
+
+def test_a_theta0_built_from_other_settings_is_refused_not_reused(tmp_path):
+    from sparring.experiments.common import built_theta0, theta0_settings
+
+    cfg = g.load(CONFIG)
+    settings = theta0_settings(cfg, g.THETA0_FIELDS)
+    target = tmp_path / "theta0"
+    assert not built_theta0(target, settings)  # nothing there yet
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "sft_history.json").write_text(json.dumps({"settings": settings}))
+    assert built_theta0(target, settings)
+    changed = theta0_settings(g.load(CONFIG, ["judge_rows_per_difficulty=0"]), g.THETA0_FIELDS)
+    with pytest.raises(ConfigError, match=r"judge_rows_per_difficulty: 1000 -> 0"):
+        built_theta0(target, changed)
+    assert theta0_settings(g.load(CONFIG, ["seeds=[5]", "steps=20"]), g.THETA0_FIELDS) == settings  # arms' settings

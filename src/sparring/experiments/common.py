@@ -55,15 +55,36 @@ def new_tiny_model(cfg):
                                        seed=cfg.data_seed)
 
 
-def save_theta0(model, tokenizer, target: Path, history: dict, started: float) -> Path:
-    """θ0 (save_pretrained + tokenizer + ``sft_history.json`` with its SFT seconds) written beside
-    ``target`` and renamed into place, so a directory with config.json is always complete."""
+def theta0_settings(cfg, names: tuple[str, ...]) -> dict:
+    """The config fields θ0 and its data are built from (JSON-normalised, as they are stored)."""
+    return json.loads(json.dumps({name: getattr(cfg, name) for name in names}))
+
+
+def built_theta0(target: Path, settings: dict) -> bool:
+    """Whether ``target`` already holds θ0; a θ0 built from other ``settings`` is an error naming them
+    (never a silent reuse: every arm would start from the wrong model)."""
+    if not (target / "config.json").exists():
+        return False
+    saved = json.loads((target / "sft_history.json").read_text()).get("settings")
+    if saved is not None and saved != settings:
+        changed = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}"
+                            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k))
+        raise ConfigError(f"{target} was built with other settings ({changed}); use a new output_dir, restore "
+                          "the settings, or delete that directory (its data and runs were built from it too)")
+    return True
+
+
+def save_theta0(model, tokenizer, target: Path, history: dict, started: float, settings: dict) -> Path:
+    """θ0 (save_pretrained + tokenizer + ``sft_history.json`` with its SFT seconds and the ``settings``
+    it was built from) written beside ``target`` and renamed into place, so a directory with
+    config.json is always complete."""
     from sparring.state import atomic_write_json
 
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / "sft_history.json", {**history, "seconds": round(time.time() - started, 1)})
+    atomic_write_json(tmp / "sft_history.json", {**history, "seconds": round(time.time() - started, 1),
+                                                  "settings": settings})
     tmp.replace(target)
     return target
 

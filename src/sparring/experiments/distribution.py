@@ -37,10 +37,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparring.config import ConfigError, ModelConfig, from_dict
-from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
+from sparring.experiments.common import (
+    add_wall_time,
+    built_theta0,
+    new_tiny_model,
+    read_config,
+    save_theta0,
+    theta0_settings,
+)
 from sparring.experiments.plateau import METHODS, Job, checkpoints, finished, load_set, parallel, run_dir, run_job
 
 ARMS = ("sft", "spin", "tspin", "tpaw", "spin_nll")  # spin_nll: see plateau.arm_overrides
+# The fields θ0 and its data are built from: a θ0 on disk built from other values is refused.
+THETA0_FIELDS = ("families", "max_start", "widths", "letter_widths", "digit_widths", "word_lengths", "subset", "validation", "test", "data_seed", "hidden_size", "layers", "heads", "sft_lr", "sft_batch_size", "sft_max_steps", "sft_eval_every", "sft_patience", "max_new_tokens")
 
 
 @dataclass
@@ -142,8 +151,8 @@ def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) ->
     from sparring.evaluation.heldout import EvalSet
     from sparring.tasks.sft import sft_steps
 
-    target = root / "theta0"
-    if (target / "config.json").exists():
+    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
+    if built_theta0(target, settings):
         return target
     tokenizer, model = new_tiny_model(cfg)
     train, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
@@ -159,7 +168,7 @@ def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) ->
     on_train = {**exact_at_1(model, tokenizer, seen, cfg).summary(), "real_answer_share": real_answer_share(
         model, tokenizer, seen)}
     best = min(history, key=lambda h: h["tv"])
-    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start)
+    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start, settings)
     print(f"θ0: best validation exact TV {best['tv']:.3f} at step {best['step']}", flush=True)
     return target
 

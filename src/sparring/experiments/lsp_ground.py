@@ -42,11 +42,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
-from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
+from sparring.experiments.common import (
+    add_wall_time,
+    built_theta0,
+    new_tiny_model,
+    read_config,
+    save_theta0,
+    theta0_settings,
+)
 from sparring.experiments.plateau import Job, check, load_set, parallel, run_dir
 from sparring.state import RunDir
 
 ARMS = ("grpo_gen", "lsp_zero", "lsp", "grpo_data", "sft")
+# The fields θ0 and its data are built from: a θ0 on disk built from other values is refused.
+THETA0_FIELDS = ("family", "difficulties", "train_per_difficulty", "validation_per_difficulty", "test_per_difficulty", "data_seed", "challenger_prompt", "hidden_size", "layers", "heads", "sft_lr", "sft_batch_size", "sft_max_steps", "sft_eval_every", "sft_eval_k", "target_pass1", "min_validity", "validity_samples", "judge_prompt", "judge_rows_per_difficulty", "max_new_tokens", "query_max_new_tokens")
 # What difficulty d sets in each family (tasks.problems.make_problem).
 DIFFICULTY_MEANS = {"add": "operand digits", "add_lsd": "operand digits", "sort": "digits to sort", "reverse": "word length"}
 START, END = "<!-- lsp:start -->", "<!-- lsp:end -->"
@@ -279,8 +288,8 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
     from sparring.evaluation.sampled import score_prompts
     from sparring.tasks.sft import sft_steps
 
-    target = root / "theta0"
-    if (target / "config.json").exists():
+    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
+    if built_theta0(target, settings):
         return target
     tokenizer, model = new_tiny_model(cfg)
     train, validation = load_set(paths["train"], tokenizer), load_set(paths["validation"], tokenizer)
@@ -306,7 +315,7 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
     if history[chosen]["score"] >= cfg.target_pass1:
         chosen = next(i for i, h in enumerate(history) if h["score"] >= cfg.target_pass1)
     return save_theta0(model, tokenizer, target, {
-        "history": records, "chosen": records[chosen], "reached": history[chosen]["score"] >= cfg.target_pass1}, start)
+        "history": records, "chosen": records[chosen], "reached": history[chosen]["score"] >= cfg.target_pass1}, start, settings)
 
 
 def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root: Path) -> dict:

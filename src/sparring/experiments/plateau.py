@@ -36,9 +36,18 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
-from sparring.experiments.common import add_wall_time, new_tiny_model, read_config, save_theta0
+from sparring.experiments.common import (
+    add_wall_time,
+    built_theta0,
+    new_tiny_model,
+    read_config,
+    save_theta0,
+    theta0_settings,
+)
 
 ARMS = ("sft", "sft_all", "spin", "tspin", "tpaw", "spin_nll")
+# The fields θ0 and its data are built from: a θ0 on disk built from other values is refused.
+THETA0_FIELDS = ("families", "pool", "subset", "validation", "test", "data_seed", "hidden_size", "layers", "heads", "sft_lr", "sft_batch_size", "sft_max_steps", "sft_eval_every", "sft_patience", "theta0_data", "max_new_tokens")
 METHODS = ("spin", "tspin", "tpaw")  # the keys of ``presets``
 # Arms run through ``sparring run``: a method, or a variant of one (the method's preset plus overrides).
 METHOD_ARMS = (*METHODS, "spin_nll")
@@ -139,8 +148,8 @@ def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path
     from sparring.evaluation.sampled import score_prompts
     from sparring.tasks.sft import sft_steps
 
-    target = root / "theta0"
-    if (target / "config.json").exists():
+    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
+    if built_theta0(target, settings):
         return target
     tokenizer, model = new_tiny_model(cfg)
     subset, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
@@ -159,7 +168,7 @@ def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path
     # θ0 must still often be wrong on its own training prompts (sampled), or self-play has nothing to fix.
     on_train = score_prompts(model, tokenizer, subset, check, k=4, max_new_tokens=cfg.max_new_tokens,
                              batch_size=cfg.eval_batch_size).summary()
-    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start)
+    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start, settings)
     print(f"θ0: best validation exact match {best['score']:.3f} at step {best['step']}", flush=True)
     return target
 
