@@ -55,6 +55,18 @@ def new_tiny_model(cfg):
                                        seed=cfg.data_seed)
 
 
+def open_model(model_dir: str | Path):
+    """(tokenizer, model) of a saved checkpoint in fp32, in a worker with one torch thread (scoring jobs)."""
+    import torch
+
+    from sparring.config import ModelConfig
+    from sparring.modeling import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    model_cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
+    return load_tokenizer(model_cfg), load_model(model_cfg)
+
+
 def theta0_settings(cfg, names: tuple[str, ...]) -> dict:
     """The config fields θ0 and its data are built from (JSON-normalised, as they are stored)."""
     return json.loads(json.dumps({name: getattr(cfg, name) for name in names}))

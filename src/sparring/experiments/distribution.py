@@ -41,6 +41,7 @@ from sparring.experiments.common import (
     add_wall_time,
     built_theta0,
     new_tiny_model,
+    open_model,
     read_config,
     save_theta0,
     theta0_settings,
@@ -179,20 +180,15 @@ def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) ->
 def score_job(cfg_dict: dict, model_dir: str, data_path: str, temperature: float, n: int, out: str) -> str:
     """Per-prompt exact (and, n > 0, sampled) metrics of one checkpoint at one temperature, cached in
     ``out``. Sampling seeds are the same for every model (common random numbers)."""
-    import torch
-
     from sparring.evaluation.distribution import score_distribution
-    from sparring.modeling import load_model, load_tokenizer
     from sparring.state import atomic_write_json
 
     if Path(out).exists():
         return out
-    torch.set_num_threads(1)
     cfg = from_dict(DistributionConfig, cfg_dict)
-    model_cfg = ModelConfig(name_or_path=model_dir, dtype="float32")
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer, model = open_model(model_dir)
     data = load_set(Path(data_path), tokenizer)
-    scores = score_distribution(load_model(model_cfg), tokenizer, data, temperatures=[temperature], n=n,
+    scores = score_distribution(model, tokenizer, data, temperatures=[temperature], n=n,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=1234,
                                 sample_prompts=cfg.sample_prompts,
                                 answer_ids=cached_support_ids(Path(data_path), tokenizer, data))[temperature]

@@ -46,6 +46,7 @@ from sparring.experiments.common import (
     add_wall_time,
     built_theta0,
     new_tiny_model,
+    open_model,
     read_config,
     save_theta0,
     theta0_settings,
@@ -460,19 +461,13 @@ def choose_rate(scores: dict[float, float | None]) -> float:
 
 def score_job(cfg_dict: dict, model_dir: str, test_path: str, out: str) -> str:
     """Per-prompt test scores and challenger validity of one model, cached in ``out``."""
-    import torch
-
-    from sparring.config import ModelConfig
     from sparring.evaluation.sampled import score_prompts
-    from sparring.modeling import load_model, load_tokenizer
     from sparring.state import atomic_write_json
 
     if Path(out).exists():
         return out
-    torch.set_num_threads(1)
     cfg = from_dict(LspGroundConfig, cfg_dict)
-    model_cfg = ModelConfig(name_or_path=model_dir, dtype="float32")
-    tokenizer, model = load_tokenizer(model_cfg), load_model(model_cfg)
+    tokenizer, model = open_model(model_dir)
     scores = score_prompts(model, tokenizer, load_set(Path(test_path), tokenizer), check, k=cfg.eval_k,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.eval_batch_size, seed=1234)
