@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                 RunLock.release_all()  # the run is over: a later run in this process finds the folder free
             return 0
         if args.command == "status":
-            state = json.loads((Path(args.run_dir) / "state.json").read_text())
+            from sparring.state import RunDir
+
+            state = json.loads(RunDir(args.run_dir).state_path.read_text())
             print(f"method: {state.get('method')}")
             for stage, info in state["stages"].items():
                 print(f"  done  {stage}  {json.dumps(info) if info else ''}")
@@ -96,14 +98,15 @@ def _report(run_dir: Path) -> int:
     from sparring.evaluation.report import collect, plot, table
     from sparring.state import RunDir
 
-    cfg = load_config(run_dir / "config.yaml")
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config_path)
     if cfg.method == "lsp":  # written by the run itself at every evaluation
-        print((run_dir / "results.md").read_text())
+        print(rd.results.read_text())
         return 0
     iterations = getattr(cfg, cfg.method).iterations
-    rows = collect(RunDir(run_dir), iterations)
+    rows = collect(rd, iterations)
     print(table(rows))
-    plot(rows, run_dir / "plot.png", title=cfg.method)
+    plot(rows, rd.plot, title=cfg.method)
     return 0
 
 

@@ -26,6 +26,7 @@ from sparring.modeling import (
     load_tokenizer,
     make_accelerator,
     merge_adapters,
+    resolve_dtype,
 )
 from sparring.state import RunDir, RunLocked, atomic_write_json, read_jsonl, write_jsonl
 from sparring.training import MetricsLogger
@@ -70,8 +71,18 @@ def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True)
     data = load_training_set(cfg.data, tokenizer) if load_data else None
     if data is not None and data.report.skipped and accelerator.is_main_process:
         print(f"skipped {sum(data.report.skipped.values())} bad rows: {dict(data.report.skipped)}")
-    logger = MetricsLogger(run_dir.metrics_path, run_dir.root / "tb", enabled=accelerator.is_main_process)
+    logger = MetricsLogger(run_dir.metrics_path, run_dir.tensorboard, enabled=accelerator.is_main_process)
     return Session(cfg, run_dir, accelerator, tokenizer, data, logger)
+
+
+def logp_settings(s: Session, t: int, cfg: RunConfig) -> dict:
+    """What θ_t's log-probs depend on beside the scored sequences (part of every log-prob cache key):
+    which model (the base, or the checkpoint by its place in the run directory) and how it is loaded."""
+    path = model_path(s, t)
+    return {"model": cfg.model.name_or_path if path is None else str(path.relative_to(s.run_dir.root)),
+            "revision": cfg.model.revision, "dtype": str(resolve_dtype(cfg.model.dtype)),
+            "attn_implementation": cfg.model.attn_implementation, "load_in_4bit": cfg.peft.load_in_4bit,
+            "max_length": cfg.data.max_length}
 
 
 def model_path(s: Session, t: int) -> str | Path | None:
@@ -112,13 +123,13 @@ def release(s: Session | None = None) -> None:
 
 
 def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None) -> list[dict]:
-    """One sampled response per training prompt from ``model``, stored as iter_t/{name}.jsonl.
+    """One sampled response per training prompt from ``model``, stored as ``run_dir.generated(t, name)``.
 
     Rows in prompt order: {"text", "token_ids" (what the model sampled, stop id included), "finished"}.
     """
     cfg = cfg or s.cfg
-    out = s.run_dir.iteration(t) / f"{name}.jsonl"
-    stage = f"iter{t}/{name}"
+    out = s.run_dir.generated(t, name)
+    stage = s.run_dir.stage_generate(t, name)
     if not s.run_dir.is_done(stage):
         if cfg.generation.backend == "vllm":
             from sparring.generation.vllm import VLLMGenerator
@@ -132,7 +143,7 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
             generator,
             s.data.prompt_ids,
             SamplingParams.from_config(cfg.generation),
-            folder=s.run_dir.iteration(t) / f"{name}.chunks",
+            folder=s.run_dir.generation_chunks(t, name),
             seed=batch_seed(cfg.generation.seed, name, t),
             batch_size=cfg.generation.batch_size,
             accelerator=s.accelerator,
@@ -149,9 +160,17 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
             s.logger.log({"kind": "generation", "iteration": t, "name": name, "rows": len(rows),
                           "truncated": truncated, "truncated_frac": truncated / len(rows),
                           "on_truncated": cfg.generation.on_truncated})
-            shutil.rmtree(s.run_dir.iteration(t) / f"{name}.chunks", ignore_errors=True)
+            shutil.rmtree(s.run_dir.generation_chunks(t, name), ignore_errors=True)
         s.accelerator.wait_for_everyone()
     return read_generated(out)
+
+
+def generated_set(s: Session, t: int, name: str = "generated") -> list[dict]:
+    """Set ``name`` as iteration t sampled it, read back (never regenerated); an error if it is not there."""
+    path = s.run_dir.generated(t, name)
+    if not s.run_dir.is_done(s.run_dir.stage_generate(t, name)):
+        raise RuntimeError(f"iteration {t} has no {name} responses yet ({path}); rerun from iteration {t}")
+    return read_generated(path)
 
 
 def read_generated(path: Path) -> list[dict]:
@@ -177,24 +196,23 @@ def kept(samples: list[dict], cfg: RunConfig) -> bool:
 
 def cleanup_iteration(s: Session, t: int) -> None:
     """Drop what only a resume of iteration t needed (training checkpoints, log-prob chunks)."""
-    folder = s.run_dir.iteration(t)
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    for chunks in folder.glob("*.chunks"):
+    shutil.rmtree(s.run_dir.checkpoints(t), ignore_errors=True)
+    for chunks in s.run_dir.chunk_folders(t):
         shutil.rmtree(chunks, ignore_errors=True)
 
 
 def steps_before(s: Session, t: int) -> int:
     """Optimizer steps of iterations 0 … t−1 (the TensorBoard step offset of iteration t)."""
-    return sum((s.run_dir.stage_info(f"iter{k}") or {}).get("steps", 0) for k in range(t))
+    return sum((s.run_dir.stage_info(s.run_dir.stage_iteration(k)) or {}).get("steps", 0) for k in range(t))
 
 
 def finish_iteration(s: Session, t: int, result, info: dict) -> None:
     """Save θ_{t+1} from the accelerate-prepared model, evaluate it, mark iteration t done, and drop
     what only a resume of it needed."""
     save_model(s, result.model, t)
-    evaluate_stage(s, f"iter{t}", model=result.model)
+    evaluate_stage(s, s.run_dir.stage_iteration(t), model=result.model)
     if s.main:
-        s.run_dir.mark_done(f"iter{t}", {"steps": result.steps, **info, **result.last_metrics})
+        s.run_dir.mark_done(s.run_dir.stage_iteration(t), {"steps": result.steps, **info, **result.last_metrics})
         cleanup_iteration(s, t)
     s.accelerator.wait_for_everyone()
 
@@ -231,11 +249,11 @@ def save_pretrained(s: Session, model, target: Path, base: str | Path | None = N
 
 
 def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:
-    """Held-out evaluation of a model, once: cached in RUN/eval/{label}.json and logged.
+    """Held-out evaluation of a model, once: cached in ``run_dir.eval_file(label)`` and logged.
 
     Every process evaluates a share (a ZeRO-3 / FSDP model needs all of them in each forward); the
     main one writes the scores."""
-    out = s.run_dir.root / "eval" / f"{label}.json"
+    out = s.run_dir.eval_file(label)
     if out.exists():
         return json.loads(out.read_text())
     if not s.cfg.eval.source:
@@ -261,8 +279,8 @@ def write_report(s: Session, iterations: int) -> list[dict]:
     rows = collect(s.run_dir, iterations)
     if s.main:
         text = table(rows)
-        (s.run_dir.root / "results.md").write_text(text + "\n")
-        plot(rows, s.run_dir.root / "plot.png", title=f"{s.cfg.method} on {Path(s.cfg.data.source).name}")
+        s.run_dir.results.write_text(text + "\n")
+        plot(rows, s.run_dir.plot, title=f"{s.cfg.method} on {Path(s.cfg.data.source).name}")
         print(text)
-        print(f"plot: {s.run_dir.root / 'plot.png'}")
+        print(f"plot: {s.run_dir.plot}")
     return rows

@@ -5,9 +5,15 @@
       state.json           fingerprint of result-affecting settings + finished stages
       metrics.jsonl        every logged row (train steps, evaluations), rewritten on resume
       tb/                  TensorBoard events
-      iter_000/            one folder per iteration: generated chunks, records, train state, model/
+      eval/                held-out scores per model: initial.json, iter{t}.json, step{k}.json (LSP)
+      iter_000/            one folder per iteration: generated.jsonl (+ .chunks/ while sampling),
+                           pairs/triplets/team records, *_logps caches, checkpoints/, model/ (θ_{t+1})
+      checkpoints/, samples.jsonl, models/step{k}/, model/      LSP's resumable state and models
       plot.png, results.md
       .lock                held (flock) by the live run: {host, pid, started}
+
+Every stage key of state.json and every path inside RUN/ comes from ``RunDir``: the one place that
+knows the names (existing run directories resume because the names never change).
 
 Every stage is idempotent: it is skipped when state.json marks it done, and its outputs are written
 to a temporary name and renamed into place, so a kill leaves either the old file or the new one.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -105,6 +112,29 @@ class ChunkStore:
         return [row for i in range(count) for row in read_jsonl(self.path(i))]
 
 
+class StaleCache(RuntimeError):
+    """A cache file on disk was computed from other inputs than the ones asked for now."""
+
+
+def cache_key(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (what produced a cache: model, data fingerprint, settings) plus ``key``, their sha256."""
+    fields = json.loads(json.dumps(fields))  # as read back from a JSON file (tuples → lists)
+    return {**fields, "key": hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()}
+
+
+def check_cache_key(path: Path, stored: dict[str, Any] | None, expected: dict[str, Any]) -> None:
+    """Raise StaleCache naming ``path`` and every field that differs unless ``stored`` is ``expected``."""
+    if stored is None:
+        raise StaleCache(f"{path} records no cache key (written by an older sparring): its inputs are unknown; "
+                         "delete it and rerun to recompute it")
+    if stored == expected:
+        return
+    changed = [f"{k}: {stored.get(k, '(not set)')!r} -> {expected.get(k, '(not set)')!r}"
+               for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+    raise StaleCache(f"{path} was computed from other inputs ({'; '.join(changed)}); it is not reused: "
+                     "delete it and rerun to recompute it")
+
+
 def changed_settings(old: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose value differs. A field added to sparring after the run started counts as
     unchanged when it holds its default; a field sparring no longer has is ignored."""
@@ -183,6 +213,38 @@ class RunDir:
         """Hold the run directory for this run, or raise RunLocked naming the live run that holds it."""
         return RunLock(self.root).acquire()
 
+    # -- stage keys of state.json -----------------------------------------------------------
+    INITIAL = "initial"  # eval label of θ_0
+    FINAL = "final"  # LSP: the run has saved its final model
+
+    @staticmethod
+    def stage_iteration(t: int) -> str:
+        """Iteration t is done (θ_{t+1} saved and evaluated); also θ_{t+1}'s eval label."""
+        return f"iter{t}"
+
+    @staticmethod
+    def stage_generate(t: int, name: str = "generated") -> str:
+        """Set ``name`` ("generated", T-SPIN's "proto") of iteration t is sampled."""
+        return f"iter{t}/{name}"
+
+    @staticmethod
+    def stage_team(t: int, j: int) -> str:
+        """TPAW round t: player θ_j's log-probs are cached."""
+        return f"iter{t}/team{j}"
+
+    @staticmethod
+    def lsp_step_label(step: int) -> str:
+        """LSP: the stage of a checkpointed step, and the eval label of the policy after it."""
+        return f"step{step}"
+
+    @staticmethod
+    def parse_step_label(label: str) -> int:
+        """The step of an ``lsp_step_label``; ValueError for any other label."""
+        if not (label.startswith("step") and label[4:].isdigit()):
+            raise ValueError(f"{label!r} is not an LSP step label (step<N>)")
+        return int(label[4:])
+
+    # -- files of the run ---------------------------------------------------------------------
     @property
     def state_path(self) -> Path:
         return self.root / "state.json"
@@ -191,12 +253,94 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "plot.png"
+
+    def eval_file(self, label: str) -> Path:
+        """Held-out scores of the model ``label`` (INITIAL, ``stage_iteration(t)``, ``lsp_step_label(k)``)."""
+        return self.root / "eval" / f"{label}.json"
+
+    def eval_steps(self) -> list[tuple[int, Path]]:
+        """LSP: (step, eval file) of every evaluated step, by step."""
+        found = [(self.parse_step_label(p.stem), p) for p in (self.root / "eval").glob("step*.json")
+                 if p.stem[4:].isdigit()]
+        return sorted(found)
+
+    def checkpoints(self, t: int | None = None) -> Path:
+        """The training loop's resumable checkpoints: iteration t's (``train(folder=iteration(t))``), or
+        LSP's for the whole run (t None)."""
+        return (self.root if t is None else self.iteration(t)) / "checkpoints"
+
+    # -- iteration folders ----------------------------------------------------------------------
     def iteration(self, t: int) -> Path:
         return self.root / f"iter_{t:03d}"
 
     def model(self, t: int) -> Path:
         """θ_{t+1}: the model that iteration t trains."""
         return self.iteration(t) / "model"
+
+    def generated(self, t: int, name: str = "generated") -> Path:
+        """Set ``name`` of iteration t: one sampled response per training prompt."""
+        return self.iteration(t) / f"{name}.jsonl"
+
+    def generation_chunks(self, t: int, name: str = "generated") -> Path:
+        return self.iteration(t) / f"{name}.chunks"
+
+    def generated_source(self, t: int, name: str) -> Path:
+        """Which checkpoint sampled set ``name`` (T-SPIN's proto set), for the record."""
+        return self.iteration(t) / f"{name}.source.json"
+
+    def opponent_logp_chunks(self, t: int) -> Path:
+        """SPIN: θ_t's log-probs of iteration t's real and generated responses, batch by batch."""
+        return self.iteration(t) / "opponent_logps.chunks"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "pairs.jsonl"
+
+    def triplets(self, t: int) -> Path:
+        return self.iteration(t) / "triplets.jsonl"
+
+    def team(self, t: int) -> Path:
+        """TPAW round t: who played and how the rows were scored."""
+        return self.iteration(t) / "team.json"
+
+    def team_logps(self, t: int, j: int) -> Path:
+        """TPAW round t: player θ_j's log-probs (with the cache key they were computed under)."""
+        return self.iteration(t) / f"team_theta{j}.json"
+
+    def team_logp_chunks(self, t: int, j: int) -> Path:
+        return self.iteration(t) / f"team_theta{j}.chunks"
+
+    def chunk_folders(self, t: int) -> list[Path]:
+        """Every chunk store of iteration t (dropped once the iteration is done)."""
+        return sorted(self.iteration(t).glob("*.chunks"))
+
+    # -- LSP's run-level files ----------------------------------------------------------------
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    def step_model(self, step: int) -> Path:
+        """LSP with lsp.keep_models: the policy after ``step``."""
+        return self.root / "models" / self.lsp_step_label(step)
+
+    @property
+    def final_model(self) -> Path:
+        """LSP: the policy after the last step."""
+        return self.root / "model"
 
     # -- state.json ---------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any]:
@@ -240,5 +384,5 @@ class RunDir:
         state["fingerprint"] = current
         state["method"] = cfg.method
         atomic_write_json(self.state_path, state)
-        atomic_write_text(self.root / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(self.config_path, dump_yaml(cfg))
         return resumed

@@ -56,6 +56,7 @@ from sparring.training.loop import (
     NonFiniteLoss,
     Preempted,
     StopRequest,
+    checkpoint_dir,
     end_step,
     load_latest_checkpoint,
     loop_state,
@@ -73,7 +74,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     s = stages.open_session(cfg, force=force, load_data=False)
     if s.accelerator.num_processes > 1:
         raise RuntimeError("LSP runs in a single process for now (launch it without accelerate multi-process)")
-    if s.run_dir.is_done("final"):
+    if s.run_dir.is_done(s.run_dir.FINAL):
         return write_report(s)
     lsp, tok, acc = cfg.lsp, s.tokenizer, s.accelerator
 
@@ -89,11 +90,11 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     scheduler = linear_schedule(optimizer, lsp.steps, cfg.train.warmup_ratio)
     model, optimizer = acc.prepare(model, optimizer)
 
-    checkpoints = s.run_dir.root / "checkpoints"
+    checkpoints = s.run_dir.checkpoints()
     start = load_latest_checkpoint(acc, scheduler, checkpoints)
     s.logger.drop(lambda r: r.get("kind") == "lsp" and r["step"] > start)
     s.logger.open_tensorboard(purge_step=start + 1)
-    samples_path = s.run_dir.root / "samples.jsonl"
+    samples_path = s.run_dir.samples
     samples = [r for r in read_jsonl(samples_path) if r["step"] <= start] if samples_path.exists() else []
     state = loop_state(checkpoints, start)  # skipped_steps, carried across resumes
     evaluate(s, model, start)
@@ -108,7 +109,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
 
     save_final(s, model, cfg)
     if s.main:
-        s.run_dir.mark_done("final", {"steps": lsp.steps})
+        s.run_dir.mark_done(s.run_dir.FINAL, {"steps": lsp.steps})
         shutil.rmtree(checkpoints, ignore_errors=True)
     s.logger.close()
     del model
@@ -124,7 +125,7 @@ def lsp_step(s: stages.Session, step: int, model, reference, optimizer, schedule
     (``train.on_nonfinite``); after a stop signal the step ends with a checkpoint and ``Preempted``
     (both decided by the shared loop's ``end_step``)."""
     cfg, tok, acc = s.cfg, s.tokenizer, s.accelerator
-    lsp, checkpoints = cfg.lsp, s.run_dir.root / "checkpoints"
+    lsp, checkpoints = cfg.lsp, s.run_dir.checkpoints()
     n, g = lsp.num_queries, lsp.answers_per_query
     # 1–2. N challenger queries, G solver answers each, from the current θ
     r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
@@ -162,15 +163,15 @@ def lsp_step(s: stages.Session, step: int, model, reference, optimizer, schedule
         s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
     if s.main and step % lsp.sample_every == 0:
         samples.extend(sample_rows(step, r, scored.rewards, quality, adv))
-        write_jsonl(s.run_dir.root / "samples.jsonl", samples)  # rewritten whole, so a resume never duplicates rows
+        write_jsonl(s.run_dir.samples, samples)  # rewritten whole, so a resume never duplicates rows
     if (step % lsp.save_every == 0 and step < lsp.steps) or end.stopping:
         state["checkpoint"] = step
         save_checkpoint(acc, scheduler, checkpoints, step, loop_state=state)
         if s.main:
-            s.run_dir.mark_done(f"step{step}", {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
+            s.run_dir.mark_done(s.run_dir.lsp_step_label(step), {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
     if end.stopping:  # the rerun evaluates this step (if due) before it goes on
         raise Preempted(f"stopped by a signal after LSP step {step} of {lsp.steps}; checkpoint "
-                        f"{checkpoints / f'step-{step:08d}'}; rerun the same command to resume")
+                        f"{checkpoint_dir(checkpoints, step)}; rerun the same command to resume")
     evaluate(s, model, step)
 
 
@@ -249,23 +250,23 @@ def evaluate(s: stages.Session, model, step: int) -> None:
     if lsp.keep_models and step > 0:
         snapshot(s, model, step)
     was_training = model.training
-    scores = stages.evaluate_stage(s, f"step{step}", model=model)
+    scores = stages.evaluate_stage(s, s.run_dir.lsp_step_label(step), model=model)
     model.train(was_training)  # evaluation leaves the model in eval mode; the live policy goes on training
     if scores and s.main and "exact_match" in scores:
         print(f"step {step}: held-out exact match {scores['exact_match']:.3f}", flush=True)
 
 
 def snapshot(s: stages.Session, model, step: int) -> Path:
-    """RUN/models/step{step}: the policy (LoRA merged) and tokenizer, written once and renamed into place."""
-    target = s.run_dir.root / "models" / f"step{step}"
+    """``run_dir.step_model(step)``: the policy (LoRA merged) and tokenizer, written once and renamed into place."""
+    target = s.run_dir.step_model(step)
     if not (target / "config.json").exists():
         stages.save_pretrained(s, model, target)
     return target
 
 
 def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
-    """RUN/model: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
-    return stages.save_pretrained(s, model, s.run_dir.root / "model")
+    """``run_dir.final_model``: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
+    return stages.save_pretrained(s, model, s.run_dir.final_model)
 
 
 def write_report(s: stages.Session) -> list[dict]:
@@ -279,24 +280,20 @@ def write_report(s: stages.Session) -> list[dict]:
             reward = f"{r['reward']:.3f}" if r.get("reward") is not None else "–"
             lines.append(f"| {r['step']} | {em} | {r.get('logps_real_per_token', float('nan')):.4f} | {reward} |")
         text = "\n".join(lines)
-        (s.run_dir.root / "results.md").write_text(text + "\n")
-        plot(rows, s.run_dir.root / "plot.png", title=f"LSP ({s.cfg.lsp.variant})")
+        s.run_dir.results.write_text(text + "\n")
+        plot(rows, s.run_dir.plot, title=f"LSP ({s.cfg.lsp.variant})")
         print(text)
-        print(f"plot: {s.run_dir.root / 'plot.png'}")
+        print(f"plot: {s.run_dir.plot}")
     return rows
 
 
 def lsp_rows(s: stages.Session) -> list[dict]:
     import json
 
-    evals = sorted(
-        (json.loads(p.read_text()) for p in (s.run_dir.root / "eval").glob("step*.json")),
-        key=lambda e: int(e["label"][4:]),
-    ) if (s.run_dir.root / "eval").exists() else []
     train = [r for r in s.logger.rows() if r.get("kind") == "lsp"]
     rows, previous = [], 0
-    for e in evals:
-        step = int(e["label"][4:])
+    for step, path in s.run_dir.eval_steps():
+        e = json.loads(path.read_text())
         window = [r["lsp/reward"] for r in train if previous < r["step"] <= step]
         rows.append({**e, "step": step, "reward": sum(window) / len(window) if window else None})
         previous = step

@@ -67,7 +67,7 @@ def build_pairs(s: stages.Session, t: int, cfg: RunConfig) -> list[tuple[int, di
     pairs with a truncated y′ are left out when ``generation.on_truncated=drop``."""
     pairs = []
     for k in range(t, max(-1, t - cfg.spin.mix_previous - 1), -1):
-        pairs += [(i, y) for i, y in enumerate(generated_set(s, k, cfg)) if stages.kept([y], cfg)]
+        pairs += [(i, y) for i, y in enumerate(opponent_set(s, k, cfg)) if stages.kept([y], cfg)]
     return pairs
 
 
@@ -75,24 +75,21 @@ def uses_dataset_generated(s: stages.Session, t: int, cfg: RunConfig) -> bool:
     return t == 0 and cfg.spin.use_dataset_generated and all(e.generated is not None for e in s.data.examples)
 
 
-def generated_set(s: stages.Session, t: int, cfg: RunConfig) -> list[dict]:
+def opponent_set(s: stages.Session, t: int, cfg: RunConfig) -> list[dict]:
     """y′ of iteration t: from the data at t = 0 when rows carry them (encoded as the real y is), else
     the token ids θ_t sampled."""
     if uses_dataset_generated(s, t, cfg):
         return [{"text": e.generated, "token_ids": encode(s.tokenizer, e.prompt, e.generated)[1], "finished": True}
                 for e in s.data.examples]
-    path = s.run_dir.iteration(t) / "generated.jsonl"
-    if not s.run_dir.is_done(f"iter{t}/generated"):
-        raise RuntimeError(f"iteration {t} has no generated responses yet ({path})")
-    return stages.read_generated(path)
+    return stages.generated_set(s, t)
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, "initial", path=None)
+    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
     for t in range(cfg.spin.iterations):
-        if s.run_dir.is_done(f"iter{t}"):
+        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
             continue
         icfg = cfg.for_iteration(t)
         model = stages.load_iterate(s, t)  # θ_t: opponent, reference and starting point
@@ -115,15 +112,15 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         ]
         logps = score_sequences(
             model, items, pad_id=tok.pad_token_id, batch_size=icfg.train.logprob_batch_size,
-            folder=s.run_dir.iteration(t) / "opponent_logps.chunks", accelerator=s.accelerator,
-            desc=f"iter {t}: opponent log-probs",
+            folder=s.run_dir.opponent_logp_chunks(t), accelerator=s.accelerator,
+            desc=f"iter {t}: opponent log-probs", settings=stages.logp_settings(s, t, icfg),
         )
         records = [
             PairRecord(s.data.prompt_ids[i], s.data.real_ids[i], g, logps[i], logps[n + j])
             for j, ((i, _), g) in enumerate(zip(pairs, gen_ids))
         ]
-        if s.main and not (s.run_dir.iteration(t) / "pairs.jsonl").exists():
-            write_jsonl(s.run_dir.iteration(t) / "pairs.jsonl", [
+        if s.main and not s.run_dir.pairs(t).exists():
+            write_jsonl(s.run_dir.pairs(t), [
                 {"example": i, "generated": y["text"], "finished": y["finished"], "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
                 for (i, y), r in zip(pairs, records)
             ])

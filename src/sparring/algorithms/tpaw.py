@@ -39,8 +39,9 @@ from sparring.config import RunConfig
 from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
 from sparring.losses import LossOutput, add_real_nll, tpaw_loss
 from sparring.modeling import check_peft
-from sparring.state import atomic_write_json
+from sparring.state import atomic_write_json, check_cache_key
 from sparring.training import score_sequences, train
+from sparring.training.precompute import logp_cache_key
 
 
 class TeamRecord(NamedTuple):
@@ -85,14 +86,6 @@ def team(t: int, max_team_size: int) -> list[int]:
     return list(range(t, max(-1, t - max_team_size), -1))
 
 
-def generated_set(s: stages.Session, k: int) -> list[dict]:
-    """D_k's y′, as round k sampled them (rounds k < t are read back, never regenerated)."""
-    path = s.run_dir.iteration(k) / "generated.jsonl"
-    if not s.run_dir.is_done(f"iter{k}/generated"):
-        raise RuntimeError(f"round {k} has no generated responses ({path}); its data cannot be reused")
-    return stages.read_generated(path)
-
-
 def scored_sets(j: int, members: list[int], cfg: RunConfig) -> list[int]:
     """The sets D_k that player θ_j scores: all of D_O, or only its own D_j."""
     return list(members) if cfg.tpaw.every_player_scores_every_row else [j]
@@ -101,31 +94,36 @@ def scored_sets(j: int, members: list[int], cfg: RunConfig) -> list[int]:
 def team_logps(s: stages.Session, policy, t: int, j: int, gen_ids: dict[int, list[list[int]]], cfg: RunConfig) -> dict:
     """{"real": L_θj(y) per prompt, "generated": {k: L_θj(y′) per prompt of D_k}}, once per round.
 
-    θ_t is the policy itself (not trained yet); an older θ_j is loaded, used and released here.
+    θ_t is the policy itself (not trained yet); an older θ_j is loaded, used and released here. The
+    file records the cache key it was computed under (θ_j, the rows' digest, the settings); a file
+    of another key is refused (``StaleCache`` naming the file and what differs), a missing one recomputed.
     """
-    path = s.run_dir.iteration(t) / f"team_theta{j}.json"
-    if not s.run_dir.is_done(f"iter{t}/team{j}"):
-        sets = scored_sets(j, list(gen_ids), cfg)
-        n = len(s.data.examples)
-        items = list(zip(s.data.prompt_ids, s.data.real_ids))
-        for k in sets:
-            items += list(zip(s.data.prompt_ids, gen_ids[k]))
+    path, stage = s.run_dir.team_logps(t, j), s.run_dir.stage_team(t, j)
+    sets = scored_sets(j, list(gen_ids), cfg)
+    n, average = len(s.data.examples), cfg.tpaw.logprob_reduction == "mean"
+    items = list(zip(s.data.prompt_ids, s.data.real_ids))
+    for k in sets:
+        items += list(zip(s.data.prompt_ids, gen_ids[k]))
+    settings = stages.logp_settings(s, j, cfg)
+    key = logp_cache_key(items, settings, average=average, sets=sets)
+    if not (s.run_dir.is_done(stage) and path.exists()):
         # θ_t: the policy, its fresh LoRA adapters (if any) changing nothing yet; older θ_j: plain models
         model = policy if j == t else stages.load_iterate(s, j, trainable=False)
         logps = score_sequences(
             model, items, pad_id=s.tokenizer.pad_token_id, batch_size=cfg.train.logprob_batch_size,
-            folder=s.run_dir.iteration(t) / f"team_theta{j}.chunks", accelerator=s.accelerator,
-            desc=f"iter {t}: log-probs of θ{j}", average=cfg.tpaw.logprob_reduction == "mean",
+            folder=s.run_dir.team_logp_chunks(t, j), accelerator=s.accelerator,
+            desc=f"iter {t}: log-probs of θ{j}", average=average, settings=settings,
         )
         if j != t:
             del model  # the reference is gone before the next one is loaded
             stages.release()
         if s.main:
             generated = {str(k): logps[n * (c + 1) : n * (c + 2)] for c, k in enumerate(sets)}
-            atomic_write_json(path, {"checkpoint": j, "real": logps[:n], "generated": generated})
-            s.run_dir.mark_done(f"iter{t}/team{j}", {"sets": sets})
+            atomic_write_json(path, {"checkpoint": j, "real": logps[:n], "generated": generated, "cache_key": key})
+            s.run_dir.mark_done(stage, {"sets": sets})
         s.accelerator.wait_for_everyone()
     data = json.loads(path.read_text())
+    check_cache_key(path, data.get("cache_key"), key)
     return {"real": data["real"], "generated": {int(k): v for k, v in data["generated"].items()}}
 
 
@@ -151,16 +149,16 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         raise ValueError(f"tpaw.max_team_size must be >= 1, got {cfg.tpaw.max_team_size}")
     check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, "initial", path=None)
+    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
     for t in range(cfg.tpaw.iterations):
-        if s.run_dir.is_done(f"iter{t}"):
+        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
             continue
         icfg = cfg.for_iteration(t)
         members = team(t, icfg.tpaw.max_team_size)  # [t, t−1, t−2]: θ_t is column 0
         model = stages.load_iterate(s, t)  # θ_t: newest player, sampler and starting point
 
         # 1. generate D_t with θ_t; reuse D_{t−1}, D_{t−2}
-        samples = {t: stages.generate(s, model, t, "generated", icfg)} | {k: generated_set(s, k) for k in members[1:]}
+        samples = {t: stages.generate(s, model, t, "generated", icfg)} | {k: stages.generated_set(s, k) for k in members[1:]}
 
         # 2. D_O's rows: the ids each player sampled (rows with a truncated y′ out if on_truncated=drop)
         tok, max_len = s.tokenizer, icfg.data.max_length
@@ -173,7 +171,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         if not records:
             raise RuntimeError(f"round {t}: generation.on_truncated=drop left no rows")
         if s.main:
-            atomic_write_json(s.run_dir.iteration(t) / "team.json", {
+            atomic_write_json(s.run_dir.team(t), {
                 "players": members, "sets": members, "rows": len(records),
                 "every_player_scores_every_row": icfg.tpaw.every_player_scores_every_row,
                 "logprob_reduction": icfg.tpaw.logprob_reduction,

@@ -72,19 +72,16 @@ def history_weight(cfg: RunConfig, t: int) -> float:
 
 def proto_set(s: stages.Session, model, t: int, cfg: RunConfig) -> list[dict]:
     """y₀: sampled by θ_0 at iteration 0 (``model`` is θ_0 then), read back unchanged afterwards."""
-    path = s.run_dir.iteration(0) / f"{PROTO}.jsonl"
     if t == 0:
         samples = stages.generate(s, model, 0, PROTO, cfg)
-        source = s.run_dir.iteration(0) / f"{PROTO}.source.json"
+        source = s.run_dir.generated_source(0, PROTO)
         if s.main and not source.exists():  # which checkpoint drew y₀, for the record
             atomic_write_json(source, {
                 "checkpoint": cfg.model.name_or_path, "revision": cfg.model.revision, "iteration": 0,
-                "file": str(path.relative_to(s.run_dir.root)), "generation": vars(cfg.generation),
+                "file": str(s.run_dir.generated(0, PROTO).relative_to(s.run_dir.root)), "generation": vars(cfg.generation),
             })
         return samples
-    if not s.run_dir.is_done(f"iter0/{PROTO}"):
-        raise RuntimeError(f"the proto-synthetic responses of θ_0 are missing ({path}); rerun from iteration 0")
-    return stages.read_generated(path)
+    return stages.generated_set(s, 0, PROTO)
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
@@ -93,9 +90,9 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         raise ValueError(f"tspin.history_weight must be >= 0, got {betas}")
     check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
     s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, "initial", path=None)
+    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
     for t in range(cfg.tspin.iterations):
-        if s.run_dir.is_done(f"iter{t}"):
+        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
             continue
         icfg = cfg.for_iteration(t)
         model = stages.load_iterate(s, t)  # θ_t: sampler of y′ and starting point (not a reference)
@@ -117,8 +114,8 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
             for i in rows
         ]
         beta = betas[t]
-        if s.main and not (s.run_dir.iteration(t) / "triplets.jsonl").exists():
-            write_jsonl(s.run_dir.iteration(t) / "triplets.jsonl", [
+        if s.main and not s.run_dir.triplets(t).exists():
+            write_jsonl(s.run_dir.triplets(t), [
                 {"example": i, "generated": generated[i]["text"], "proto": protos[i]["text"], "history_weight": beta}
                 for i in rows
             ])

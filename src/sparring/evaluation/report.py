@@ -12,8 +12,8 @@ def collect(run_dir: RunDir, iterations: int) -> list[dict]:
     """One row per model: the initial one, then θ_1 … θ_T (as far as the run got)."""
     train_rows = [r for r in _metrics(run_dir) if r.get("kind") == "train"]
     rows = []
-    for label, t in [("initial", None)] + [(f"iter{t}", t) for t in range(iterations)]:
-        path = run_dir.root / "eval" / f"{label}.json"
+    for label, t in [(run_dir.INITIAL, None)] + [(run_dir.stage_iteration(t), t) for t in range(iterations)]:
+        path = run_dir.eval_file(label)
         if not path.exists():
             continue
         row = {"model": "θ0 (initial)" if t is None else f"θ{t + 1} (after iteration {t})", "iteration": t}

@@ -234,7 +234,7 @@ def train(
                     save_checkpoint(accelerator, scheduler, checkpoints, done, loop_state=state)
                 if end.stopping:
                     raise Preempted(f"stopped by a signal after {where} step {done} of {total}; checkpoint "
-                                    f"{checkpoints / f'step-{done:08d}'}; rerun the same command to resume")
+                                    f"{checkpoint_dir(checkpoints, done)}; rerun the same command to resume")
     finally:
         bar.close()
         logger.close()
@@ -245,7 +245,7 @@ def train(
 def loop_state(checkpoints: Path, start: int) -> dict[str, Any]:
     """The loop's counters as of checkpoint ``start`` (a checkpoint without them predates them)."""
     state = {"skipped_steps": 0, "last_metrics": {}, "checkpoint": start}
-    saved = checkpoints / f"step-{start:08d}" / LOOP_FILE
+    saved = checkpoint_dir(checkpoints, start) / LOOP_FILE
     return state | json.loads(saved.read_text()) if start and saved.exists() else state
 
 
@@ -316,12 +316,17 @@ def _same(row: dict, fields: dict[str, Any]) -> bool:
     return all(row.get(k) == v for k, v in fields.items())
 
 
+def checkpoint_dir(folder: Path, step: int) -> Path:
+    """The checkpoint of ``step`` in a checkpoints folder (``RunDir.checkpoints``)."""
+    return folder / f"step-{step:08d}"
+
+
 def save_checkpoint(accelerator, scheduler, folder: Path, step: int, loop_state: dict | None = None) -> None:
     """save_state into a temporary folder, rename it into place, then drop older checkpoints.
 
     ``loop_state`` (JSON) is the caller's own counters, read back on resume."""
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".step-{step:08d}.tmp"
+    final = checkpoint_dir(folder, step)
+    tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

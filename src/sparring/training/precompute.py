@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sparring.logprobs import collate, sequence_logps
 from sparring.progress import progress
-from sparring.state import ChunkStore
+from sparring.state import ChunkStore, cache_key
 
 
 @torch.inference_mode()
@@ -24,12 +25,15 @@ def score_sequences(
     accelerator=None,
     desc: str = "log-probs",
     average: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> list[float]:
     """L(z) for every (prompt ids, response ids), in order; batches written as chunks (resumable).
 
     ``average`` scores the per-token mean instead of the sum (``sequence_logps(average=True)``).
-    Chunks of another layout (``train.logprob_batch_size`` changed on resume, other items) are
-    recomputed, never mixed in (``ChunkStore.claim``).
+    The chunks are keyed by what produced them (``logp_cache_key``: ``settings`` — which model, loaded
+    how —, the items' digest, the reduction) and the batch layout: chunks of another key
+    (``train.logprob_batch_size`` changed on resume, another model or items) are recomputed, never
+    mixed in (``ChunkStore.claim``).
     """
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0]) + len(items[i][1]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -38,7 +42,7 @@ def score_sequences(
     world = accelerator.num_processes if accelerator else 1
     main = accelerator is None or accelerator.is_main_process
     if main:
-        store.claim({"batch_size": batch_size, "count": len(items), "average": average, "items": digest(items)})
+        store.claim(logp_cache_key(items, settings or {}, average=average, batch_size=batch_size, count=len(items)))
     if accelerator is not None:
         accelerator.wait_for_everyone()  # no rank looks at a chunk before the main one has claimed the store
     device = next(model.parameters()).device
@@ -54,6 +58,13 @@ def score_sequences(
         accelerator.wait_for_everyone()
     by_index = {r["index"]: r["logp"] for r in store.read_all(len(batches))}
     return [by_index[i] for i in range(len(items))]
+
+
+def logp_cache_key(items: list[tuple[list[int], list[int]]], settings: dict[str, Any], *, average: bool,
+                   **layout: Any) -> dict[str, Any]:
+    """The key of a log-prob cache: ``settings`` (the model and how it is loaded), the reduction, the
+    sequences' digest and ``layout`` (e.g. the batch size of a chunk store), plus their hash."""
+    return cache_key({**settings, "average": average, "items": digest(items), **layout})
 
 
 def digest(items: list[tuple[list[int], list[int]]]) -> str:
