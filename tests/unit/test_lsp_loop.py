@@ -378,19 +378,20 @@ def test_rollouts_run_in_eval_mode_and_the_update_in_training_mode(tok, accelera
     assert modes == [(True, True)] * 3  # 2 solver and 1 challenger micro-batches, gradient checkpointing live
 
 
-def test_evaluation_leaves_the_policy_in_training_mode(tok, monkeypatch):
+def test_evaluation_leaves_the_policy_in_training_mode(tok, monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from sparring import stages
     from sparring.algorithms import lsp as lsp_algorithm
     from sparring.config import RunConfig
+    from sparring.state import RunDir
 
     def evaluate_stage(s, label, model=None):  # as the held-out evaluation does
         model.eval()
 
     monkeypatch.setattr(stages, "evaluate_stage", evaluate_stage)
     model = tiny_model(tok).train()
-    lsp_algorithm.evaluate(SimpleNamespace(cfg=RunConfig(), main=True), model, 0)
+    lsp_algorithm.evaluate(SimpleNamespace(cfg=RunConfig(), main=True, run_dir=RunDir(tmp_path)), model, 0)
     assert model.training
 
 
