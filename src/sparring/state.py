@@ -25,6 +25,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import operator
 import os
 import socket
 import tempfile
@@ -135,13 +136,27 @@ def check_cache_key(path: Path, stored: dict[str, Any] | None, expected: dict[st
                      "delete it and rerun to recompute it")
 
 
+# Settings that may name a local file or folder: the same place reached through another path (relative
+# vs absolute, a symlink, a moved experiment folder linked back) is the same setting.
+PATH_SETTINGS = ("model.name_or_path", "data.source", "eval.source", "lsp.prompts")
+
+
+def _same_place(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def changed_settings(old: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose value differs. A field added to sparring after the run started counts as
-    unchanged when it holds its default; a field sparring no longer has is ignored."""
+    unchanged when it holds its default; a field sparring no longer has is ignored; a path setting
+    (``PATH_SETTINGS``) naming the same existing file or folder by another path is unchanged."""
     defaults = fingerprint(RunConfig())
-    return sorted(
-        k for k in current if old.get(k, defaults.get(k)) != current[k]
-    )
+    same = {k: _same_place for k in PATH_SETTINGS}
+    return sorted(k for k in current if not same.get(k, operator.eq)(old.get(k, defaults.get(k)), current[k]))
 
 
 class RunLocked(RuntimeError):

@@ -54,3 +54,22 @@ def test_chunk_store_layout_manifest(tmp_path, capsys):
     legacy = ChunkStore(tmp_path / "legacy")  # chunks from before manifests: their layout is unknown
     legacy.write(0, [{"index": 0}])
     assert legacy.claim({"batch_size": 4}) is True and not legacy.has(0)
+
+
+def test_a_path_setting_naming_the_same_place_by_another_path_is_unchanged(tmp_path, monkeypatch):
+    from sparring.state import changed_settings
+
+    real = tmp_path / "exp" / "data.jsonl"
+    real.parent.mkdir()
+    real.write_text("{}\n")
+    (tmp_path / "link").symlink_to(tmp_path / "exp")  # the experiment folder reached through a link
+    monkeypatch.chdir(tmp_path)
+    old = {"data.source": str(real), "model.name_or_path": "exp", "train.lr": 1e-4}
+    same = {"data.source": "link/data.jsonl", "model.name_or_path": str(tmp_path / "exp"), "train.lr": 1e-4}
+    assert changed_settings(old, same) == []
+    other = tmp_path / "other.jsonl"
+    other.write_text("{}\n")
+    moved = {**same, "data.source": str(other), "train.lr": 2e-4}
+    assert changed_settings(old, moved) == ["data.source", "train.lr"]
+    hub = {**same, "model.name_or_path": "org/model"}  # not a local path: compared as text
+    assert changed_settings(old, hub) == ["model.name_or_path"]
