@@ -94,19 +94,13 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def _report(run_dir: Path) -> int:
+    """The report a run writes at its end (evaluation.report), rewritten from the run directory alone."""
     from sparring.config import load_config
-    from sparring.evaluation.report import collect, plot, table
+    from sparring.evaluation.report import write_report
     from sparring.state import RunDir
 
     rd = RunDir(run_dir)
-    cfg = load_config(rd.config_path)
-    if cfg.method == "lsp":  # written by the run itself at every evaluation
-        print(rd.results.read_text())
-        return 0
-    iterations = getattr(cfg, cfg.method).iterations
-    rows = collect(rd, iterations)
-    print(table(rows))
-    plot(rows, rd.plot, title=cfg.method)
+    write_report(rd, load_config(rd.config_path))
     return 0
 
 

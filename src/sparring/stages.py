@@ -1,4 +1,5 @@
-"""Idempotent stages shared by the iterative methods: set-up, generate, save, evaluate, report.
+"""Idempotent stages shared by the iterative methods: set-up, generate, save, evaluate (the report is
+``evaluation.report``).
 
 Each stage checks state.json first and records itself when finished, so rerunning a command skips
 whatever was done and redoes only what a kill interrupted.
@@ -271,16 +272,3 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
     s.accelerator.wait_for_everyone()
     return json.loads(out.read_text())
 
-
-def write_report(s: Session, iterations: int) -> list[dict]:
-    """results.md (the per-iteration table) and plot.png (accuracy and margins per iteration)."""
-    from sparring.evaluation.report import collect, plot, table
-
-    rows = collect(s.run_dir, iterations)
-    if s.main:
-        text = table(rows)
-        s.run_dir.results.write_text(text + "\n")
-        plot(rows, s.run_dir.plot, title=f"{s.cfg.method} on {Path(s.cfg.data.source).name}")
-        print(text)
-        print(f"plot: {s.run_dir.plot}")
-    return rows

@@ -32,6 +32,7 @@ import torch
 
 from sparring import stages
 from sparring.config import ConfigError, LspConfig, RunConfig
+from sparring.evaluation.report import write_report
 from sparring.losses import lsp_advantages
 from sparring.losses.lsp import group_signal
 from sparring.lsp_rollouts import (
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     if s.accelerator.num_processes > 1:
         raise RuntimeError("LSP runs in a single process for now (launch it without accelerate multi-process)")
     if s.run_dir.is_done(s.run_dir.FINAL):
-        return write_report(s)
+        return write_report(s.run_dir, cfg, main=s.main)
     lsp, tok, acc = cfg.lsp, s.tokenizer, s.accelerator
 
     torch.manual_seed(cfg.train.seed)
@@ -114,7 +115,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     s.logger.close()
     del model
     stages.release(s)
-    return write_report(s)
+    return write_report(s.run_dir, cfg, main=s.main)
 
 
 def lsp_step(s: stages.Session, step: int, model, reference, optimizer, scheduler, reward_fn, judge, prompts,
@@ -268,54 +269,3 @@ def save_final(s: stages.Session, model, cfg: RunConfig) -> Path:
     """``run_dir.final_model``: save_pretrained + tokenizer (LoRA adapters merged into the base), renamed into place."""
     return stages.save_pretrained(s, model, s.run_dir.final_model)
 
-
-def write_report(s: stages.Session) -> list[dict]:
-    """results.md (held-out accuracy and mean task reward per evaluated step) and plot.png."""
-    rows = lsp_rows(s)
-    if s.main and rows:
-        lines = ["| step | held-out exact match | real log-prob/token | mean task reward since last eval |",
-                 "|---|---|---|---|"]
-        for r in rows:
-            em = f"{r['exact_match']:.3f}" if "exact_match" in r else "–"
-            reward = f"{r['reward']:.3f}" if r.get("reward") is not None else "–"
-            lines.append(f"| {r['step']} | {em} | {r.get('logps_real_per_token', float('nan')):.4f} | {reward} |")
-        text = "\n".join(lines)
-        s.run_dir.results.write_text(text + "\n")
-        plot(rows, s.run_dir.plot, title=f"LSP ({s.cfg.lsp.variant})")
-        print(text)
-        print(f"plot: {s.run_dir.plot}")
-    return rows
-
-
-def lsp_rows(s: stages.Session) -> list[dict]:
-    import json
-
-    train = [r for r in s.logger.rows() if r.get("kind") == "lsp"]
-    rows, previous = [], 0
-    for step, path in s.run_dir.eval_steps():
-        e = json.loads(path.read_text())
-        window = [r["lsp/reward"] for r in train if previous < r["step"] <= step]
-        rows.append({**e, "step": step, "reward": sum(window) / len(window) if window else None})
-        previous = step
-    return rows
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    key = "exact_match" if any("exact_match" in r for r in rows) else "logps_real_per_token"
-    axes[0].plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], marker="o")
-    axes[0].set(xlabel="LSP step", ylabel="held-out exact match" if key == "exact_match" else "real log-prob/token")
-    rewarded = [r for r in rows if r.get("reward") is not None]
-    axes[1].plot([r["step"] for r in rewarded], [r["reward"] for r in rewarded], marker="o", color="C1")
-    axes[1].set(xlabel="LSP step", ylabel="mean task reward R since the previous evaluation")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -24,6 +24,7 @@ import torch
 from sparring import stages
 from sparring.config import RunConfig
 from sparring.data import encode
+from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
 from sparring.losses import LossOutput, spin_loss
 from sparring.modeling import check_peft
@@ -142,5 +143,5 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
                                               "pairs_generated_equals_real_frac": same / len(records)})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
         stages.release(s)
-    return stages.write_report(s, cfg.spin.iterations)
+    return write_report(s.run_dir, cfg, main=s.main)
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from sparring import stages
 from sparring.config import RunConfig
+from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tspin_loss
 from sparring.modeling import check_peft
@@ -138,5 +139,5 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
                                               "pairs_generated_equals_real_frac": same / len(records)})
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
         stages.release(s)  # then free accelerate's references, collect, empty the cache
-    return stages.write_report(s, cfg.tspin.iterations)
+    return write_report(s.run_dir, cfg, main=s.main)
 
