@@ -266,7 +266,7 @@ AGREEMENT = textwrap.dedent("""
 
     def loss_step(model, batch):
         calls.append(1)
-        real, gen, o_r, o_g = batch
+        real, gen, o_r, o_g = batch[:4]
         lr, lg = model(torch.cat([real, gen])).chunk(2)
         loss = spin_loss(lr, lg, o_r, o_g, scale=0.5)
         if rank == 1 and len(calls) == 4:

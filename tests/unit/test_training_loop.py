@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from collections import namedtuple
 from functools import partial
 from types import SimpleNamespace
 
@@ -31,9 +32,13 @@ def records(n=24):
     return [(torch.randn(4, generator=g), torch.randn(4, generator=g), float(i % 3), float(i % 5)) for i in range(n)]
 
 
+ToyBatch = namedtuple("ToyBatch", "real generated opponent_real opponent_generated attention_mask")
+
+
 def collate(rows):
-    return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
-            torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows]))
+    # attention_mask: 3 "tokens" per record, what the loop's tokens/s counts
+    return ToyBatch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                    torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows]), torch.ones(len(rows), 3))
 
 
 class Boom(RuntimeError):
@@ -45,7 +50,7 @@ def step(model, batch, calls=None, fail_at=None):
         calls.append(1)
         if fail_at is not None and len(calls) == fail_at:
             raise Boom
-    real, gen, o_r, o_g = batch
+    real, gen, o_r, o_g = batch[:4]
     return spin_loss(model.w(real).squeeze(-1), model.w(gen).squeeze(-1), o_r, o_g, scale=0.5)
 
 
@@ -177,7 +182,10 @@ def test_two_processes_with_an_idle_rank_match_one_process_with_twice_the_batch(
     grads2, totals2 = simulate(tmp_path / "two", two, world=2, n=25)
     torch.testing.assert_close(grads2, grads1, rtol=1e-6, atol=1e-7)
     # Example-weighted metric means: sums over their shares, the stand-in record counting for nothing.
-    totals1, totals2 = totals1[:, :-2], totals2[:, :-2]  # the last two: the non-finite and stop flags
+    # the last three: the step's tokens (each counted once, the stand-in not at all), non-finite and stop flags
+    torch.testing.assert_close(totals2[:, -3], totals1[:, -3])
+    assert totals1[:, -3].sum() == 3 * 25
+    totals1, totals2 = totals1[:, :-3], totals2[:, :-3]
     half = totals1.shape[1] // 2
     torch.testing.assert_close(totals2[:, :half] / totals2[:, half:], totals1[:, :half] / totals1[:, half:],
                                rtol=1e-6, atol=1e-7)
@@ -276,7 +284,8 @@ def test_stop_signal_finishes_the_step_checkpoints_and_the_rerun_resumes_to_the_
     assert len(calls) == 6 - at  # the interrupted step was finished, not redone
     torch.testing.assert_close(weights_of(resumed), weights_of(ref), rtol=0, atol=0)
     assert [r["loss"] for r in logger.rows()] == pytest.approx([r["loss"] for r in ref_logger.rows()], abs=1e-7)
-    assert result.last_metrics == pytest.approx(ref_result.last_metrics)  # also when no step was left to run
+    results = [{k: v for k, v in r.last_metrics.items() if not k.startswith("perf/")} for r in (result, ref_result)]
+    assert results[0] == pytest.approx(results[1])  # also when no step was left to run (perf/: timings)
 
 
 @pytest.mark.parametrize(("error", "code", "prefix"), [(Preempted("stopped by a signal after x"), EXIT_PREEMPTED,
@@ -293,3 +302,17 @@ def test_cli_exit_status_and_message_of_a_stopped_run(monkeypatch, capsys, tmp_p
     monkeypatch.setattr(algorithms, "get", lambda method: stopped)
     assert main(["run", f"output_dir={tmp_path}"]) == code
     assert prefix in capsys.readouterr().err
+
+
+def test_batch_tokens_counts_the_real_tokens_of_every_attention_mask_in_a_batch():
+    from collections import namedtuple
+
+    from sparring.training.loop import batch_tokens, peak_memory_gib
+
+    Seq = namedtuple("Seq", "input_ids attention_mask")
+    Pair = namedtuple("Pair", "real generated")
+    real = Seq(torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
+    generated = Seq(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert batch_tokens(real) == 5 and batch_tokens(Pair(real, generated)) == 9
+    assert batch_tokens(torch.ones(3)) == 0  # not a collated batch
+    assert 0 < peak_memory_gib(torch.device("cpu")) < 1024

@@ -20,6 +20,7 @@ import math
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,9 +209,10 @@ def train(
         with StopRequest() as stop:
             for step in range(start, total):
                 done = step + 1
-                sums, shares, bad = run_micro_batches(model, records, plan[step], collate, loss_step, accelerator,
-                                                      loss_scale=loss_scale)
-                end = end_step(accelerator, model, cfg, sums, shares, bad, stop)
+                started = time.perf_counter()
+                sums, shares, bad, tokens = run_micro_batches(model, records, plan[step], collate, loss_step,
+                                                              accelerator, loss_scale=loss_scale)
+                end = end_step(accelerator, model, cfg, sums, shares, bad, stop, tokens)
                 if end.nonfinite and cfg.on_nonfinite == "error":
                     what = nonfinite_records(accelerator, bad, plan[step], end.grad_norm)
                     raise NonFiniteLoss(nonfinite_message(f"{where} step {done} of {total}", what, checkpoints,
@@ -224,8 +226,12 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{end.metrics['loss']:.4f}")
+                seconds = time.perf_counter() - started
                 state["last_metrics"] = {**end.metrics, "grad_norm": end.grad_norm, "lr": lr,
-                                         "skipped_steps": state["skipped_steps"]}
+                                         "skipped_steps": state["skipped_steps"],
+                                         # throughput of this step, all processes; peak memory of the main one
+                                         "perf/tokens_per_second": end.tokens / seconds if seconds > 0 else math.nan,
+                                         "perf/peak_memory_gib": peak_memory_gib(accelerator.device)}
                 if done % cfg.logging_steps == 0 or done == total or end.stopping:
                     row = {"kind": "train", **log_fields, "step": done, "epoch": round(done / total * cfg.epochs, 4)}
                     logger.log({**row, **state["last_metrics"]}, step=global_step_offset + done)
@@ -255,34 +261,57 @@ class StepEnd:
     grad_norm: float
     nonfinite: bool  # on any process
     stopping: bool  # a stop signal reached any process
+    tokens: float = 0.0  # real (unpadded) tokens the step's batches held, over every process
 
 
-def end_step(accelerator, model, cfg: TrainConfig, sums, shares, bad: list[int], stop: StopRequest) -> StepEnd:
-    """Clip, then one all-reduce of the metric sums and of the non-finite and stop flags, so that
-    every process takes the same decision at this step."""
+def end_step(accelerator, model, cfg: TrainConfig, sums, shares, bad: list[int], stop: StopRequest,
+             tokens: int = 0) -> StepEnd:
+    """Clip, then one all-reduce of the metric sums, of this process's ``tokens`` and of the non-finite
+    and stop flags, so that every process takes the same decision at this step."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)  # None: DeepSpeed has not computed one
     # fp16's scaler skips overflowing steps itself; otherwise an inf/NaN norm poisons the step.
     nonfinite = bool(bad) or (accelerator.scaler is None and not math.isfinite(grad_norm))
-    flags = [float(nonfinite), float(stop.signum)]
+    flags = [float(tokens), float(nonfinite), float(stop.signum)]
     totals = torch.tensor([*sums.values(), *shares.values(), *flags], device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum").tolist()
-    metrics = {k: v / w if w > 0 else math.nan for k, v, w in zip(sums, totals, totals[len(sums) : -2])}
-    return StepEnd(metrics, grad_norm, nonfinite=totals[-2] > 0, stopping=totals[-1] > 0)
+    metrics = {k: v / w if w > 0 else math.nan for k, v, w in zip(sums, totals, totals[len(sums) : -3])}
+    return StepEnd(metrics, grad_norm, nonfinite=totals[-2] > 0, stopping=totals[-1] > 0, tokens=totals[-3])
+
+
+def batch_tokens(batch: Any) -> int:
+    """Real (unpadded) tokens of a collated batch: the sum of every ``attention_mask`` it holds."""
+    if not (isinstance(batch, tuple) and hasattr(batch, "_fields")):
+        return 0
+    return sum(int(value.sum()) if name == "attention_mask" and isinstance(value, torch.Tensor) else batch_tokens(value)
+               for name, value in zip(batch._fields, batch))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA's peak allocation on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def run_micro_batches(model, records, step: list[list[int]], collate, loss_step, accelerator, *, loss_scale: int):
     """Forward and backward over this process's share of one optimizer step.
 
-    Returns the step's metric sums and shares (example-weighted) and the records whose loss was
-    not finite."""
+    Returns the step's metric sums and shares (example-weighted), the records whose loss was not
+    finite and the real tokens this process ran."""
     micro_batches = shard_step(step, accelerator.process_index, accelerator.num_processes)
     step_total = sum(len(m) for m in step)
     sums: dict[str, float] = {}
     shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
     bad: list[int] = []
+    tokens = 0
     for j, micro in enumerate(micro_batches):
         batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
+        tokens += batch_tokens(batch) if micro.count else 0  # a stand-in batch (count 0) does no real work
         with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
             out = loss_step(model, batch)
             # The sum over the step's examples / their global count (scaled for the reductions after).
@@ -291,7 +320,7 @@ def run_micro_batches(model, records, step: list[list[int]], collate, loss_step,
         finite = torch.isfinite(out.loss.detach()).flatten().tolist()
         bad += [i for i, ok in zip(micro.indices, finite) if not ok]
         add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
-    return sums, shares, bad
+    return sums, shares, bad, tokens
 
 
 def nonfinite_records(accelerator, bad: list[int], step: list[list[int]], grad_norm: float) -> str:
