@@ -71,6 +71,7 @@ def test_sigterm_checkpoints_exits_preempted_and_the_rerun_matches_an_uninterrup
     assert [r["step"] for r in done] == [r["step"] for r in straight] == list(range(1, 7))  # no duplicated rows
     assert [r["loss"] for r in done] == [r["loss"] for r in straight]
     assert all(r["skipped_steps"] == 0 for r in done)
+    assert all(r["perf/tokens_per_second"] > 0 and r["perf/peak_memory_gib"] > 0 for r in done)  # throughput logged
     assert rows(cut / "samples.jsonl") == rows(whole / "samples.jsonl")  # steps 2, 4, 6, once each
     evals = [r["label"] for r in rows(cut / "metrics.jsonl") if r.get("kind") == "eval"]
     assert evals == ["step0", "step3", "step6"]

@@ -26,6 +26,7 @@ with LSP's reward, KL and group baseline (docs/algorithms.md maps it onto TRL's 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ from sparring.training.loop import (
     load_latest_checkpoint,
     loop_state,
     nonfinite_message,
+    peak_memory_gib,
     save_checkpoint,
 )
 from sparring.training.optim import linear_schedule, make_optimizer
@@ -128,6 +130,7 @@ def lsp_step(s: stages.Session, step: int, model, reference, optimizer, schedule
     cfg, tok, acc = s.cfg, s.tokenizer, s.accelerator
     lsp, checkpoints = cfg.lsp, s.run_dir.checkpoints()
     n, g = lsp.num_queries, lsp.answers_per_query
+    started = time.perf_counter()
     # 1–2. N challenger queries, G solver answers each, from the current θ
     r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
                         batch_size=cfg.generation.batch_size, prompts=prompts)
@@ -158,8 +161,14 @@ def lsp_step(s: stages.Session, step: int, model, reference, optimizer, schedule
     optimizer.zero_grad(set_to_none=True)
 
     row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch, query_difficulties(lsp))
+    # tokens through the policy's forward and backward (solver sequences, and the challenger's when it
+    # trains) over the whole step's time, rollouts included
+    trained = r.solver_sequences() + (r.challenger_sequences() if ch else [])
+    seconds = time.perf_counter() - started
     row.update({"grad_norm": end.grad_norm, "lr": lr, "skipped_steps": state["skipped_steps"],
-                "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)})
+                "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0),
+                "perf/tokens_per_second": sum(len(p) + len(c) for p, c in trained) / seconds,
+                "perf/peak_memory_gib": peak_memory_gib(acc.device)})
     if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps or end.stopping):
         s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
     if s.main and step % lsp.sample_every == 0:
