@@ -339,3 +339,25 @@ def test_accelerate_profiles_pass_accelerates_own_config_and_launch_checks(name,
         env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert {k: env.get(k) for k in expected} == expected
+
+
+def test_lora_on_two_processes_trains_like_one_process_with_twice_the_batch(tiny_ground, tmp_path):
+    """LoRA under DDP (issue: LoRA for every method, multi-process): the adapters' gradients are
+    all-reduced like full weights, so θ1 (adapters merged) equals a one-process run's with 2× the batch."""
+    lora = ["peft.r=4", "peft.alpha=8", "train.lr=5e-3"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = torchrun(["run", CONFIG, *tiny_overrides(tiny_ground, two), *SMALL, *lora, "train.batch_size=4"], processes=2)
+    rank_errors = [line for line in proc.stderr.splitlines() if "rank1" in line or "error" in line.lower()]
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n".join(rank_errors)[-6000:]
+    assert "processes: 2 (multi_cpu" in proc.stdout
+    assert main(["run", CONFIG, *tiny_overrides(tiny_ground, one), *SMALL, *lora, "train.batch_size=8"]) == 0
+    assert rows(two / "iter_000" / "generated.jsonl") == rows(one / "iter_000" / "generated.jsonl")
+    assert_same_weights(two / "iter_000" / "model", one / "iter_000" / "model", atol=1e-6)
+    from tests.integration.helpers import weights
+
+    moved, theta0 = weights(two / "iter_000" / "model"), weights(Path(tiny_ground["model"]))
+    assert moved.keys() == theta0.keys()  # a full model: the adapters merged, none left
+    assert any(not torch.allclose(moved[k], theta0[k], atol=1e-6) for k in moved)  # and they did move θ0
+    train = [[r for r in rows(run / "metrics.jsonl") if r["kind"] == "train"] for run in (two, one)]
+    assert [r["step"] for r in train[0]] == [r["step"] for r in train[1]] == [1, 2]
+    assert [r["loss"] for r in train[0]] == pytest.approx([r["loss"] for r in train[1]], abs=1e-6)
