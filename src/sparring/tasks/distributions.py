@@ -85,18 +85,8 @@ def is_valid(query: str, answer: str) -> bool:
 def make_rows(n: int, seed: int, families: tuple[str, ...] = DISTRIBUTION_FAMILIES, **shape) -> list[dict]:
     """``n`` chat rows (``messages`` format), families in turn, distinct queries, each with one
     response drawn uniformly from its support. ``shape``: ``make_query``'s keywords."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct queries of {families} with {shape or 'the default shape'}")
-        query = make_query(rng, families[len(rows) % len(families)], **shape)
-        if query in seen:
-            continue
-        seen.add(query)
-        answer = rng.choice(support(query))
-        rows.append({"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]})
-    return rows
+    from sparring.tasks.problems import distinct_rows
+
+    return distinct_rows(n, random.Random(seed), families, lambda rng, family: make_query(rng, family, **shape),
+                         lambda rng, query: rng.choice(support(query)), f"with {shape or 'the default shape'}")
 

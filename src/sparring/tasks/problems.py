@@ -99,16 +99,24 @@ def check(query: str, answer: str) -> bool | None:
 def make_rows(n: int, seed: int, families: tuple[str, ...] = FAMILIES, difficulty: int | None = None) -> list[dict]:
     """``n`` chat rows in the ``messages`` format, families in turn, distinct queries (of
     ``difficulty``, None: the default ranges). Raises ValueError when there are too few distinct ones."""
-    rng = random.Random(seed)
+    return distinct_rows(n, random.Random(seed), families, lambda rng, family: make_problem(rng, family, difficulty)[0],
+                         lambda rng, query: solve(query), f"at difficulty {difficulty}")
+
+
+def distinct_rows(n: int, rng: random.Random, families: tuple[str, ...], query_of, answer_of, what: str) -> list[dict]:
+    """``n`` chat rows (``messages`` format), families in turn, distinct queries: ``query_of(rng, family)``
+    is drawn until it is new, then ``answer_of(rng, query)`` (only then: a rejected duplicate costs no
+    answer draw). Raises ValueError (naming ``what``) when there are too few distinct queries."""
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n:
         attempts += 1
         if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct queries of {families} at difficulty {difficulty}")
-        query, answer = make_problem(rng, families[len(rows) % len(families)], difficulty)
+            raise ValueError(f"cannot draw {n} distinct queries of {families} {what}")
+        query = query_of(rng, families[len(rows) % len(families)])
         if query in seen:
             continue
         seen.add(query)
+        answer = answer_of(rng, query)
         rows.append({"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]})
     return rows

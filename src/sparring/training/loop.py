@@ -310,8 +310,10 @@ def run_micro_batches(model, records, step: list[list[int]], collate, loss_step,
     bad: list[int] = []
     tokens = 0
     for j, micro in enumerate(micro_batches):
-        batch = to_device(collate([records[i] for i in micro.indices]), accelerator.device)
-        tokens += batch_tokens(batch) if micro.count else 0  # a stand-in batch (count 0) does no real work
+        batch = collate([records[i] for i in micro.indices])
+        # counted on the collated (host) batch: no device sync; a stand-in batch (count 0) does no real work
+        tokens += batch_tokens(batch) if micro.count else 0
+        batch = to_device(batch, accelerator.device)
         with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
             out = loss_step(model, batch)
             # The sum over the step's examples / their global count (scaled for the reductions after).
