@@ -14,6 +14,28 @@ from pathlib import Path
 from sparring.config import ConfigError, from_dict
 
 
+@dataclasses.dataclass
+class TinyGround:
+    """The fields every experiment shares: where it reports, the tiny θ0 it fits first (``new_tiny_model``)
+    and its SFT, the seeds, the overrides of every run and the scoring / worker settings. Each experiment's
+    config adds its own fields and changes these defaults where it needs to."""
+
+    report: str = "docs/RESULTS.md"  # the section between the experiment's markers is (re)written in this file
+    data_seed: int = 7
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    sft_lr: float = 3.0e-3
+    sft_batch_size: int = 64
+    sft_max_steps: int = 3000
+    sft_eval_every: int = 100
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = dataclasses.field(default_factory=list)  # dotted overrides for every run
+    max_new_tokens: int = 8  # answers (generation and evaluation)
+    eval_batch_size: int = 256
+    workers: int = 2
+
+
 def read_config(cls, path: str | Path, overrides: list[str] | None, *, name: str, arms: tuple[str, ...],
                 default: str | None = None):
     """``cls`` from the YAML at ``path`` plus dotted ``overrides``; refuses a config of another experiment

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sparring.config import ConfigError, ModelConfig, from_dict
 from sparring.experiments.common import (
+    TinyGround,
     add_wall_time,
     built_theta0,
     new_tiny_model,
@@ -54,10 +55,9 @@ THETA0_FIELDS = ("families", "max_start", "widths", "letter_widths", "digit_widt
 
 
 @dataclass
-class DistributionConfig:
+class DistributionConfig(TinyGround):
     experiment: str = "distribution"
     output_dir: str = "runs/experiments/distribution"
-    report: str = "docs/RESULTS.md"  # the section "Known-distribution proving ground" is (re)written here
     plot: str = "docs/results/distribution.png"
     families: list[str] = field(default_factory=lambda: ["number_range", "letter_digit"])
     max_start: int = 199  # number_range: the range starts in 0..max_start
@@ -68,30 +68,20 @@ class DistributionConfig:
     subset: int = 1000  # training prompts: θ0's SFT data and every arm's
     validation: int = 200
     test: int = 500
-    data_seed: int = 7
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    sft_lr: float = 3.0e-3
     sft_batch_size: int = 32
     sft_max_steps: int = 1000
-    sft_eval_every: int = 100
     sft_patience: int = 3
     iterations: int = 2
     arms: list[str] = field(default_factory=lambda: ["sft", "spin", "tspin"])
     presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHODS})
     lr_grid: dict[str, list[float]] = field(default_factory=lambda: {a: [1e-4, 1e-3] for a in ARMS})
-    overrides: list[str] = field(default_factory=list)  # dotted overrides for every method run
     spin_nll_coef: float = 1.0  # arm spin_nll: SPIN + this · per-token NLL of y (RPO-style, not the paper's)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 1
     batch_size: int = 32
-    max_new_tokens: int = 8
     samples: int = 64  # sampled responses per held-out prompt …
     sample_prompts: int = 100  # … on this many test prompts (the first ones); exact metrics use all
     temperatures: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2])
     eval_batch_size: int = 512
-    workers: int = 2
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> DistributionConfig:

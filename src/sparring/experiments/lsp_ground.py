@@ -43,6 +43,7 @@ from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
 from sparring.experiments.common import (
+    TinyGround,
     add_wall_time,
     built_theta0,
     new_tiny_model,
@@ -72,25 +73,16 @@ NAMES = {"grpo_gen": "GRPO on generated prompts", "lsp_zero": "LSP-Zero", "lsp":
 
 
 @dataclass
-class LspGroundConfig:
+class LspGroundConfig(TinyGround):
     experiment: str = "lsp"  # the key `sparring experiment` dispatches on
     output_dir: str = "runs/experiments/lsp"
-    report: str = "docs/RESULTS.md"  # the section between the lsp markers is (re)written in this file
     plot: str = "docs/results/lsp.png"
     family: str = "add"
     difficulties: list[int] = field(default_factory=lambda: [2, 3])  # operand digits (tasks.problems)
     train_per_difficulty: int = 2000
     validation_per_difficulty: int = 100
     test_per_difficulty: int = 200
-    data_seed: int = 7
     challenger_prompt: str = "Ask one new question: add two {difficulty}-digit numbers."
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    sft_lr: float = 3.0e-3
-    sft_batch_size: int = 64
-    sft_max_steps: int = 3000
-    sft_eval_every: int = 100
     sft_eval_k: int = 4
     target_pass1: float = 0.4  # θ0 stops at the first evaluation with validation pass@1 ≥ this …
     min_validity: float = 0.9  # … and challenger validity (parseable, at the asked difficulty) ≥ this
@@ -106,7 +98,6 @@ class LspGroundConfig:
     preset: str = "configs/lsp/tiny.yaml"
     arms: list[str] = field(default_factory=lambda: ["grpo_gen", "lsp_zero", "grpo_data", "sft"])
     lr_grid: list[float] = field(default_factory=lambda: [1.0e-4, 3.0e-4])  # one grid shared by every arm
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 60  # optimizer steps of every arm
     eval_every: int = 20
     num_queries: int = 16  # N
@@ -114,13 +105,9 @@ class LspGroundConfig:
     kl_coef: float = 0.05
     temperature: float = 1.0
     query_max_new_tokens: int = 24
-    max_new_tokens: int = 8  # answers (rollouts and evaluation)
     sft_arm_batch_size: int = 64
-    overrides: list[str] = field(default_factory=list)  # dotted overrides for every RL run
     eval_k: int = 4
     eval_temperature: float = 1.0
-    eval_batch_size: int = 256
-    workers: int = 2
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> LspGroundConfig:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from sparring.config import ConfigError, from_dict
 from sparring.experiments.common import (
+    TinyGround,
     add_wall_time,
     built_theta0,
     new_tiny_model,
@@ -66,23 +67,15 @@ def arm_overrides(cfg: PlateauConfig, arm: str) -> list[str]:
 
 
 @dataclass
-class PlateauConfig:
+class PlateauConfig(TinyGround):
     output_dir: str = "runs/experiments/plateau"
-    report: str = "docs/RESULTS.md"  # the section "Limited-data plateau" is (re)written in this file
     plot: str = "docs/results/plateau.png"
     families: list[str] = field(default_factory=lambda: ["add_lsd", "add", "sort", "reverse"])
     pool: int = 4000
     subset: int = 1000
     validation: int = 500
     test: int = 3000
-    data_seed: int = 7
     hidden_size: int = 128
-    layers: int = 2
-    heads: int = 4
-    sft_lr: float = 3.0e-3
-    sft_batch_size: int = 64
-    sft_max_steps: int = 3000
-    sft_eval_every: int = 100
     sft_patience: int = 4
     # What θ0 is fitted on: "subset" (θ0 has seen only the prompts the arms train on) or "pool" (θ0 has
     # seen all of it, as SPIN's zephyr-7b-sft-full saw all of UltraChat before SPIN used 50k of it).
@@ -91,16 +84,12 @@ class PlateauConfig:
     arms: list[str] = field(default_factory=lambda: [a for a in ARMS if a != "spin_nll"])  # the variant: opt in
     presets: dict[str, str] = field(default_factory=lambda: {m: f"configs/{m}/tiny.yaml" for m in METHODS})
     lr_grid: dict[str, list[float]] = field(default_factory=lambda: {a: [1e-5, 1e-4] for a in ARMS})
-    overrides: list[str] = field(default_factory=list)  # dotted overrides for every method run
     spin_nll_coef: float = 1.0  # arm spin_nll: SPIN + this · per-token NLL of y (RPO-style, not the paper's)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 2
     batch_size: int = 32
     max_new_tokens: int = 24
     eval_k: int = 8
     eval_temperature: float = 1.0
-    eval_batch_size: int = 256
-    workers: int = 2
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> PlateauConfig:
