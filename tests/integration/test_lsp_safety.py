@@ -18,7 +18,7 @@ from tests.integration.helpers import rows, spawn, weights
 from tests.integration.test_lsp import CONFIG, REWARD_MODULE, lsp_rows, overrides
 
 import sparring.algorithms.lsp as lsp_algorithm
-import sparring.lsp_rollouts as lsp_rollouts
+import sparring.algorithms.lsp.rollouts as lsp_rollouts
 from sparring.cli import main
 from sparring.training.loop import EXIT_PREEMPTED
 

@@ -64,7 +64,7 @@ def test_every_rl_arm_is_a_valid_lsp_run_with_its_own_settings(tmp_path, arm):
 
 
 def test_the_challenger_prompt_is_filled_alike_in_sft_and_in_the_runs(tmp_path):
-    from sparring.lsp_rollouts import challenger_prompt
+    from sparring.algorithms.lsp.prompts import challenger_prompt
 
     cfg = small(tmp_path)
     run = g.lsp_run_config(cfg, Job("lsp_zero", 1e-4, 0), tmp_path / "run", g.write_data(cfg, tmp_path), tmp_path)

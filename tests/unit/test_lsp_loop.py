@@ -8,19 +8,11 @@ import hashlib
 import pytest
 import torch
 
+from sparring.algorithms.lsp.prompts import CHALLENGER_PROMPT, challenger_prompt, user_turn
+from sparring.algorithms.lsp.rollouts import Reference, Rollouts, policy_gradient, sample_rollouts, score_rewards
 from sparring.config import ConfigError, LspConfig, LspRewardConfig, load_config
 from sparring.data import encode
 from sparring.losses import lsp_advantages, lsp_loss
-from sparring.lsp_rollouts import (
-    CHALLENGER_PROMPT,
-    Reference,
-    Rollouts,
-    challenger_prompt,
-    policy_gradient,
-    sample_rollouts,
-    score_rewards,
-    user_turn,
-)
 from sparring.rewards import ProvingGroundVerifier, RewardBatch, UserReward
 from sparring.tasks import build_tiny_model, build_tokenizer
 
@@ -435,7 +427,7 @@ def test_reward_model_kind_scores_rollouts(tok, tmp_path):
     """A tiny sequence-classification reward model built and saved locally, chosen by config."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from sparring.lsp_rollouts import make_reward
+    from sparring.algorithms.lsp.rollouts import make_reward
 
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(LlamaConfig(

@@ -8,22 +8,19 @@ import json
 import pytest
 import torch
 
+from sparring.algorithms.lsp.prompts import (
+    challenger_prompt,
+    load_prompts,
+    prompt_indices,
+    query_difficulties,
+    user_turn,
+)
+from sparring.algorithms.lsp.rollouts import Reference, policy_gradient, sample_rollouts, score_rewards
 from sparring.config import ConfigError, LspConfig, LspRewardConfig, load_config
 from sparring.data import encode
 from sparring.data.records import DataError
 from sparring.losses import lsp_advantages
 from sparring.losses.lsp import group_signal
-from sparring.lsp_rollouts import (
-    Reference,
-    challenger_prompt,
-    load_prompts,
-    policy_gradient,
-    prompt_indices,
-    query_difficulties,
-    sample_rollouts,
-    score_rewards,
-    user_turn,
-)
 from sparring.rewards import ProvingGroundVerifier
 from sparring.tasks import build_tiny_model, build_tokenizer
 
@@ -169,7 +166,7 @@ def test_group_signal_rate_matches_one_minus_p_to_the_g_minus_q_to_the_g():
 
 def test_step_metrics_log_signal_values_and_reward_per_difficulty():
     from sparring.algorithms.lsp import step_metrics
-    from sparring.lsp_rollouts import Rollouts
+    from sparring.algorithms.lsp.rollouts import Rollouts
 
     queries = ["What is 10 + 10?", "What is 100 + 100?", "What is 11 + 11?", "nonsense"]
     answers = ["20", "21", "200", "200", "22", "22", "1", "2"]

@@ -309,9 +309,9 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
 def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root: Path) -> dict:
     """Can θ0 grade with the self-reward prompt (spec B.5)? ``judge_probe`` θ0 answers to validation
     prompts graded by θ0 (LSP's π_Ref); the share of grades that parse, and the seconds per grade."""
+    from sparring.algorithms.lsp.rollouts import Reference, judge_generate
     from sparring.config import LspConfig, ModelConfig
     from sparring.generation import HFGenerator, SamplingParams
-    from sparring.lsp_rollouts import Reference, judge_generate
     from sparring.modeling import load_model, load_tokenizer
     from sparring.rewards import SelfJudge
     from sparring.rewards.self_judge import SELF_REWARD_PROMPT

@@ -4,7 +4,7 @@ The function takes one pair and returns a number: ``fn(query: str, answer: str) 
 ``None`` means "could not judge this pair" and becomes ``valid=False`` with score 0.0; any other
 non-number, and any non-finite number, is an error that names the offending pair.
 
-What LSP makes of None (``lsp_rollouts.score_rewards``): None for every answer of a query says the
+What LSP makes of None (``algorithms.lsp.rollouts.score_rewards``): None for every answer of a query says the
 query is invalid (e.g. it does not parse), and all its answers get ``lsp.reward.invalid_query_reward``
 (the challenger's worst case; the solver learns nothing from equal rewards). None for some answers of
 a query whose other answers were judged says those answers are unjudgeable: they get

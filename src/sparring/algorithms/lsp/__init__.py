@@ -32,24 +32,22 @@ from pathlib import Path
 import torch
 
 from sparring import stages
-from sparring.config import ConfigError, LspConfig, RunConfig
-from sparring.evaluation.report import write_report
-from sparring.losses import lsp_advantages
-from sparring.losses.lsp import group_signal
-from sparring.lsp_rollouts import (
+from sparring.algorithms.lsp.prompts import load_prompts, prompt_indices, query_difficulties
+from sparring.algorithms.lsp.rollouts import (
     Reference,
     RolloutRewards,
     Rollouts,
     judge_generate,
-    load_prompts,
     make_reward,
     nonfinite_what,
     policy_gradient,
-    prompt_indices,
-    query_difficulties,
     sample_rollouts,
     score_rewards,
 )
+from sparring.config import ConfigError, LspConfig, RunConfig
+from sparring.evaluation.report import write_report
+from sparring.losses import lsp_advantages
+from sparring.losses.lsp import group_signal
 from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtype
 from sparring.rewards import SelfJudge
 from sparring.rewards.self_judge import SELF_REWARD_PROMPT
