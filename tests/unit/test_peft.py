@@ -161,7 +161,7 @@ def test_a_training_checkpoint_restores_the_adapters(tok, tmp_path):
     from accelerate import Accelerator
 
     from sparring.config import TrainConfig
-    from sparring.training.loop import load_latest_checkpoint, save_checkpoint
+    from sparring.training.engine import load_latest_checkpoint, save_checkpoint
     from sparring.training.optim import linear_schedule, make_optimizer
 
     def prepared(accelerator):

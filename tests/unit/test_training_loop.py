@@ -307,7 +307,8 @@ def test_cli_exit_status_and_message_of_a_stopped_run(monkeypatch, capsys, tmp_p
 def test_batch_tokens_counts_the_real_tokens_of_every_attention_mask_in_a_batch():
     from collections import namedtuple
 
-    from sparring.training.loop import batch_tokens, peak_memory_gib
+    from sparring.training.engine import peak_memory_gib
+    from sparring.training.loop import batch_tokens
 
     Seq = namedtuple("Seq", "input_ids attention_mask")
     Pair = namedtuple("Pair", "real generated")

@@ -26,7 +26,6 @@ with LSP's reward, KL and group baseline (docs/algorithms.md maps it onto TRL's 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -52,19 +51,8 @@ from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtyp
 from sparring.rewards import SelfJudge
 from sparring.rewards.self_judge import SELF_REWARD_PROMPT
 from sparring.state import read_jsonl, write_jsonl
-from sparring.training.loop import (
-    NonFiniteLoss,
-    Preempted,
-    StopRequest,
-    checkpoint_dir,
-    end_step,
-    load_latest_checkpoint,
-    loop_state,
-    nonfinite_message,
-    peak_memory_gib,
-    save_checkpoint,
-)
-from sparring.training.optim import linear_schedule, make_optimizer
+from sparring.training.engine import Engine, Work
+from sparring.training.signals import NonFiniteLoss, Preempted, StopRequest
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
@@ -86,24 +74,18 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
                        prompt=lsp.self_reward_prompt or SELF_REWARD_PROMPT)
              if lsp.variant == "self_reward" else None)
     prompts = load_prompts(lsp.prompts) if lsp.query_source == "data" else None
-    optimizer = make_optimizer(model.parameters(), cfg.train)
-    # Stepped by hand once per LSP step and saved beside accelerate's state (as in the shared loop).
-    scheduler = linear_schedule(optimizer, lsp.steps, cfg.train.warmup_ratio)
-    model, optimizer = acc.prepare(model, optimizer)
-
-    checkpoints = s.run_dir.checkpoints()
-    start = load_latest_checkpoint(acc, scheduler, checkpoints)
-    s.logger.drop(lambda r: r.get("kind") == "lsp" and r["step"] > start)
-    s.logger.open_tensorboard(purge_step=start + 1)
+    # One optimizer step per LSP step; the engine resumes from the newest checkpoint.
+    engine = Engine(model, cfg.train, acc, total_steps=lsp.steps, checkpoints=s.run_dir.checkpoints(), where="LSP")
+    model = engine.model
+    engine.open_logs(s.logger, drop=lambda r: r.get("kind") == "lsp")
     samples_path = s.run_dir.samples
-    samples = [r for r in read_jsonl(samples_path) if r["step"] <= start] if samples_path.exists() else []
-    state = loop_state(checkpoints, start)  # skipped_steps, carried across resumes
-    evaluate(s, model, start)
+    samples = [r for r in read_jsonl(samples_path) if r["step"] <= engine.start] if samples_path.exists() else []
+    evaluate(s, model, engine.start)
 
     try:
         with StopRequest() as stop:
-            for step in range(start + 1, lsp.steps + 1):
-                lsp_step(s, step, model, reference, optimizer, scheduler, reward_fn, judge, prompts, samples, state, stop)
+            for step in range(engine.start + 1, lsp.steps + 1):
+                lsp_step(s, step, engine, reference, reward_fn, judge, prompts, samples, stop)
     except (Preempted, NonFiniteLoss):
         s.logger.close()
         raise
@@ -111,76 +93,66 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     save_final(s, model, cfg)
     if s.main:
         s.run_dir.mark_done(s.run_dir.FINAL, {"steps": lsp.steps})
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(s.run_dir.checkpoints(), ignore_errors=True)
     s.logger.close()
-    del model
+    del model, engine  # both hold the prepared policy
     stages.release(s)
     return write_report(s.run_dir, cfg, main=s.main)
 
 
-def lsp_step(s: stages.Session, step: int, model, reference, optimizer, scheduler, reward_fn, judge, prompts,
-             samples: list[dict], state: dict, stop: StopRequest) -> None:
+def lsp_step(s: stages.Session, step: int, engine: Engine, reference, reward_fn, judge, prompts,
+             samples: list[dict], stop: StopRequest) -> None:
     """One LSP step (Algorithm 1's loop body): rollouts, rewards, one update, logs, checkpoint, evaluation.
 
     A non-finite loss or gradient norm raises ``NonFiniteLoss`` before the update, or skips it
     (``train.on_nonfinite``); after a stop signal the step ends with a checkpoint and ``Preempted``
-    (both decided by the shared loop's ``end_step``)."""
+    (both decided by the step engine)."""
     cfg, tok, acc = s.cfg, s.tokenizer, s.accelerator
-    lsp, checkpoints = cfg.lsp, s.run_dir.checkpoints()
-    n, g = lsp.num_queries, lsp.answers_per_query
-    started = time.perf_counter()
-    # 1–2. N challenger queries, G solver answers each, from the current θ
-    r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
-                        batch_size=cfg.generation.batch_size, prompts=prompts)
+    lsp, g = cfg.lsp, cfg.lsp.answers_per_query
+    out: dict = {}
 
-    # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
-    scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
-    quality, fallbacks = None, 0
-    if judge is not None:
-        graded = judge([q for q in r.queries for _ in range(g)], r.answers)
-        quality = torch.tensor(graded.scores, dtype=torch.float64).view(n, g)  # (N, G) R_Q
-        fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
-    adv = lsp_advantages(scored.rewards, quality, scale_std=lsp.scale_std, keep=scored.keep)
+    def work(model) -> Work:
+        # 1–2. N challenger queries, G solver answers each, from the current θ
+        r = sample_rollouts(acc.unwrap_model(model), tok, lsp, seed=cfg.generation.seed, step=step,
+                            batch_size=cfg.generation.batch_size, prompts=prompts)
+        # 3. rewards R (+ R_Q from π_Ref) and advantages; invalid and truncated rollouts by score_rewards
+        scored = score_rewards(reward_fn, r, lsp.reward, cfg.generation.on_truncated)  # (N, G)
+        quality, fallbacks = None, 0
+        if judge is not None:
+            graded = judge([q for q in r.queries for _ in range(g)], r.answers)
+            quality = torch.tensor(graded.scores, dtype=torch.float64).view(lsp.num_queries, g)  # (N, G) R_Q
+            fallbacks = graded.num_fallbacks  # unparseable grades count as R_Q = 0
+        adv = lsp_advantages(scored.rewards, quality, scale_std=lsp.scale_std, keep=scored.keep)
+        # 4. ∇(L_Sol + α_Ch·L_Ch), accumulated in micro-batches; the engine takes the optimizer step
+        sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
+                                  batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
+        out.update(r=r, scored=scored, adv=adv, quality=quality, fallbacks=fallbacks, sol=sol, ch=ch)
+        rows = prompt_indices(len(prompts), lsp.num_queries, seed=cfg.generation.seed, step=step) if prompts else None
+        # tokens through the policy's forward and backward: solver sequences, and the challenger's when it trains
+        trained = r.solver_sequences() + (r.challenger_sequences() if ch else [])
+        return Work(bad=sol["nonfinite"] + (ch["nonfinite"] if ch else []),
+                    tokens=sum(len(p) + len(c) for p, c in trained),
+                    describe_bad=lambda bad, norm: nonfinite_what(sol, ch, g, norm, rows))
 
-    # 4–5. L_Sol + α_Ch·L_Ch, accumulated in micro-batches, then one optimizer step
-    sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
-                              batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
-    end = end_step(acc, model, cfg.train, {}, {}, sol["nonfinite"] + (ch["nonfinite"] if ch else []), stop)
-    if end.nonfinite and cfg.train.on_nonfinite == "error":
-        rows = prompt_indices(len(prompts), n, seed=cfg.generation.seed, step=step) if prompts else None
-        raise NonFiniteLoss(nonfinite_message(f"LSP step {step} of {lsp.steps}", nonfinite_what(sol, ch, g, end.grad_norm, rows),
-                                              checkpoints, state["checkpoint"]))
-    lr = scheduler.get_last_lr()[0]
-    if end.nonfinite:  # skip_step: the gradients are dropped and the schedule waits, as in the shared loop
-        state["skipped_steps"] += 1
-    else:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-    row = step_metrics(r, scored, adv, quality, fallbacks, sol, ch, query_difficulties(lsp))
-    # tokens through the policy's forward and backward (solver sequences, and the challenger's when it
-    # trains) over the whole step's time, rollouts included
-    trained = r.solver_sequences() + (r.challenger_sequences() if ch else [])
-    seconds = time.perf_counter() - started
-    row.update({"grad_norm": end.grad_norm, "lr": lr, "skipped_steps": state["skipped_steps"],
-                "loss": sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0),
-                "perf/tokens_per_second": sum(len(p) + len(c) for p, c in trained) / seconds,
-                "perf/peak_memory_gib": peak_memory_gib(acc.device)})
+    # 5. one optimizer step (tokens/s over the whole step, rollouts included)
+    end = engine.step(work, stop, done=step)
+    r, scored, adv, quality, sol, ch = (out[k] for k in ("r", "scored", "adv", "quality", "sol", "ch"))
+    row = step_metrics(r, scored, adv, quality, out["fallbacks"], sol, ch, query_difficulties(lsp))
+    row.update({k: end.metrics[k] for k in ("grad_norm", "lr", "skipped_steps", "perf/tokens_per_second",
+                                             "perf/peak_memory_gib")})
+    row["loss"] = sol["loss"] + (lsp.challenger_coef * ch["loss"] if ch else 0.0)
     if s.main and (step % cfg.train.logging_steps == 0 or step == lsp.steps or end.stopping):
         s.logger.log({"kind": "lsp", "step": step, **row}, step=step)
     if s.main and step % lsp.sample_every == 0:
         samples.extend(sample_rows(step, r, scored.rewards, quality, adv))
         write_jsonl(s.run_dir.samples, samples)  # rewritten whole, so a resume never duplicates rows
-    if (step % lsp.save_every == 0 and step < lsp.steps) or end.stopping:
-        state["checkpoint"] = step
-        save_checkpoint(acc, scheduler, checkpoints, step, loop_state=state)
+    def saved() -> None:  # the stage names the step the checkpoint holds
         if s.main:
             s.run_dir.mark_done(s.run_dir.lsp_step_label(step), {k: row[k] for k in ("lsp/reward", "lsp/kl_solver", "loss")})
-    if end.stopping:  # the rerun evaluates this step (if due) before it goes on
-        raise Preempted(f"stopped by a signal after LSP step {step} of {lsp.steps}; checkpoint "
-                        f"{checkpoint_dir(checkpoints, step)}; rerun the same command to resume")
-    evaluate(s, model, step)
+
+    # a checkpoint every lsp.save_every steps; Preempted after a stop signal (the rerun evaluates this step)
+    engine.finish(step, end, save=step % lsp.save_every == 0 and step < lsp.steps, after_save=saved)
+    evaluate(s, engine.model, step)
 
 
 def build_policy_and_reference(cfg: RunConfig, device):
