@@ -15,9 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="YAML config (default: the built-in quickstart)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 spin.iterations=2")
     run.add_argument("--force", action="store_true", help="resume even if result-affecting settings changed")
-    sft = sub.add_parser("sft", help="build the proving ground: data and a tiny SFT model from scratch")
-    sft.add_argument("config", nargs="?")
+    sft = sub.add_parser("sft", help="supervised fine-tuning (method: sft) on any data; no config: build the proving ground")
+    sft.add_argument("config", nargs="?", help="YAML config with method: sft (default: build the proving ground)")
     sft.add_argument("overrides", nargs="*")
+    sft.add_argument("--force", action="store_true", help="resume even if result-affecting settings changed")
     status = sub.add_parser("status", help="which stages of a run are done")
     status.add_argument("run_dir")
     report = sub.add_parser("report", help="rewrite a run's results table and plot")
@@ -35,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "sft"):
             config, overrides = _split_config(args.config, args.overrides)
             cfg = load_config(config, overrides)
-            if args.command == "sft":
+            if args.command == "sft" and args.config is None:  # no config: build the proving ground
                 from sparring.tasks.sft import build_proving_ground
 
                 build_proving_ground(cfg.sft, cfg.model.name_or_path if cfg.model.build_proving_ground else None)
                 return 0
+            if args.command == "sft" and cfg.method != "sft":
+                raise ConfigError(f"`sparring sft` runs configs with method: sft; {config} has method: {cfg.method} "
+                                  "(use `sparring run` for it)")
             from sparring import algorithms
             from sparring.training.loop import EXIT_PREEMPTED, NonFiniteLoss, Preempted
 

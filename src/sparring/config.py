@@ -242,7 +242,7 @@ class SftConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["spin", "tspin", "tpaw", "lsp"] = "spin"
+    method: Literal["spin", "tspin", "tpaw", "lsp", "sft"] = "spin"
     output_dir: str = "runs/spin"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

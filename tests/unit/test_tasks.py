@@ -79,3 +79,48 @@ def test_sft_stops_at_the_first_evaluation_reaching_the_target():
     history = sft_steps(model, tok, encoded, steps=8, lr=1e-3, batch_size=2, seed=0,
                         evaluate=lambda m: next(scores), eval_every=2, stop_at=0.4)
     assert [h["step"] for h in history] == [2, 4]  # stopped at 0.5 ≥ 0.4, not trained on
+
+
+def _plain_sft(model, tokenizer, encoded, *, steps, lr, batch_size, seed):
+    """The proving ground's SFT as a plain PyTorch loop (the loop tasks/sft.py had before the step engine)."""
+    import math
+
+    import torch
+
+    from sparring.logprobs import collate, sequence_logps
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = collate(rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id)
+        loss = -sequence_logps(model, batch).sum() / batch.response_mask[:, 1:].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_sft_on_the_step_engine_equals_a_plain_training_loop():
+    import torch
+
+    from sparring.data import encode
+    from sparring.tasks.problems import make_rows
+    from sparring.tasks.sft import sft_steps
+    from sparring.tasks.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    rows = make_rows(12, seed=0, families=("add", "reverse"))
+    encoded = [encode(tok, r["messages"][:-1], r["messages"][-1]["content"]) for r in rows]  # ragged lengths
+    engine_model, plain_model = (build_tiny_model(tok, hidden_size=16, layers=1, heads=2, seed=3) for _ in range(2))
+    sft_steps(engine_model, tok, encoded, steps=9, lr=3e-3, batch_size=4, seed=1)
+    _plain_sft(plain_model, tok, encoded, steps=9, lr=3e-3, batch_size=4, seed=1)
+    for (name, a), b in zip(engine_model.state_dict().items(), plain_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(engine_model.state_dict()["lm_head.weight"],
+                           build_tiny_model(tok, hidden_size=16, layers=1, heads=2, seed=3).state_dict()["lm_head.weight"])

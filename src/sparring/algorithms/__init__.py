@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BUILTIN = ("spin", "tspin", "tpaw", "lsp")
+BUILTIN = ("spin", "tspin", "tpaw", "lsp", "sft")
 _registered: dict[str, ModuleType] = {}
 
 

@@ -40,10 +40,12 @@ LSP_COLUMNS = [
 def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[dict]:
     """The table rows of the run; the main process also writes results.md and plot.png and prints the table."""
     lsp = cfg.method == "lsp"
-    rows = lsp_rows(run_dir) if lsp else collect(run_dir, getattr(cfg, cfg.method).iterations)
+    # An iterative method's section names its iterations; a method without one (sft) runs one.
+    iterations = getattr(getattr(cfg, cfg.method, None), "iterations", 1)
+    rows = lsp_rows(run_dir) if lsp else collect(run_dir, iterations)
     if main:
         text = table(rows, LSP_COLUMNS if lsp else SPIN_COLUMNS)
-        samples = lsp_samples(run_dir) if lsp else pair_samples(run_dir, getattr(cfg, cfg.method).iterations)
+        samples = lsp_samples(run_dir) if lsp else pair_samples(run_dir, iterations)
         atomic_write_text(run_dir.results, text + "\n" + (f"\n{samples}\n" if samples else ""))
         title = f"LSP ({cfg.lsp.variant})" if lsp else f"{cfg.method} on {Path(cfg.data.source).name}"
         plot(rows, run_dir.plot, title=title, lsp=lsp)
