@@ -81,6 +81,8 @@ class TrainConfig:
     lr: float = 5.0e-7
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
+    # After the linear warm-up: linear decay to 0 (HF's "linear", the papers') or half a cosine to 0.
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
     epochs: int = 2
     batch_size: int = 8  # per device
     grad_accum: int = 1
@@ -293,7 +295,7 @@ PER_ITERATION_FIELDS = (
     # call; stages.kept (on_truncated) picks the rows that train
     "generation",
     # training/loop.py train() and training/optim.py, given icfg.train
-    "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.epochs",
+    "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.lr_scheduler", "train.epochs",
     "train.batch_size", "train.grad_accum", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
     "train.on_nonfinite",
     # score_sequences: SPIN's opponent and TPAW's team log-prob passes

@@ -317,3 +317,25 @@ def test_batch_tokens_counts_the_real_tokens_of_every_attention_mask_in_a_batch(
     assert batch_tokens(real) == 5 and batch_tokens(Pair(real, generated)) == 9
     assert batch_tokens(torch.ones(3)) == 0  # not a collated batch
     assert 0 < peak_memory_gib(torch.device("cpu")) < 1024
+
+
+def test_cosine_schedule_warms_up_linearly_then_follows_half_a_cosine_to_zero():
+    import math
+
+    from sparring.training.optim import make_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = make_schedule(optimizer, 10, TrainConfig(lr_scheduler="cosine", warmup_ratio=0.2))
+    lrs = []
+    for _ in range(10):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.0, 1.0, 2.0])  # 2 warm-up steps, then the peak
+    assert lrs[3:] == pytest.approx([2.0 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 8)])
+    linear = make_schedule(torch.optim.SGD([param], lr=2.0), 10, TrainConfig(warmup_ratio=0.2))
+    for _ in range(6):
+        linear.optimizer.step()
+        linear.step()
+    assert linear.get_last_lr()[0] == pytest.approx(1.0)  # the default stays HF's linear decay: 2·(10−6)/8

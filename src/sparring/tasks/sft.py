@@ -165,12 +165,12 @@ def build_proving_ground(cfg: SftConfig, model_dir: str | Path | None = None) ->
 
 def proving_ground_config(cfg: SftConfig, base: Path, data: Path, eval_path: Path, rows: int) -> RunConfig:
     """The SFT method's preset for the proving ground: AdamW at ``sft.lr``, batch ``sft.batch_size``,
-    as many epochs as ``sft.steps`` steps need (rounded up), 5% warm-up, no sequence cut."""
+    as many epochs as ``sft.steps`` steps need (rounded up), 5% warm-up then cosine decay, no sequence cut."""
     return RunConfig(
         method="sft", output_dir=str(Path(cfg.output_dir) / "sft-run"),
         model=ModelConfig(name_or_path=str(base), dtype="float32"),
         data=DataConfig(source=str(data), max_prompt_length=100_000, max_length=100_000),
-        train=TrainConfig(optimizer="adamw", lr=cfg.lr, weight_decay=0.0, warmup_ratio=0.05,
+        train=TrainConfig(optimizer="adamw", lr=cfg.lr, weight_decay=0.0, warmup_ratio=0.05, lr_scheduler="cosine",
                           epochs=max(1, math.ceil(cfg.steps * cfg.batch_size / rows)), batch_size=cfg.batch_size,
                           max_grad_norm=1.0, save_steps=100, seed=cfg.seed, mixed_precision="no"),
         eval=EvalConfig(source=str(eval_path), verifier="proving_ground"),

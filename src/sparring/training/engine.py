@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from sparring.config import ConfigError, TrainConfig
-from sparring.training.optim import linear_schedule, make_optimizer
+from sparring.training.optim import make_optimizer
+from sparring.training.optim import make_schedule as schedule_of
 from sparring.training.signals import NonFiniteLoss, Preempted, StopRequest
 
 SCHEDULE_FILE = "schedule.pt"
@@ -56,8 +57,8 @@ class Engine:
     """One model's optimizer, schedule and checkpoints across the steps of one training phase.
 
     ``checkpoints`` None: no resume and no checkpoints (a phase too short to need them).
-    ``make_schedule(optimizer, total_steps)``: the learning-rate schedule (default: linear warm-up
-    over ``cfg.warmup_ratio``, then linear decay to 0, HF's ``linear``).
+    ``make_schedule(optimizer, total_steps)``: the learning-rate schedule (default: ``train.lr_scheduler``,
+    linear warm-up over ``cfg.warmup_ratio``, then linear or cosine decay to 0, as HF's).
     ``where``: how errors and stop messages name the phase (e.g. "iteration 1").
     """
 
@@ -71,7 +72,7 @@ class Engine:
         # × world undoes DDP's mean over ranks; × DeepSpeed's accumulation steps, the engine's division by them.
         self.loss_scale = accelerator.num_processes * configure_deepspeed(accelerator, cfg)
         optimizer = make_optimizer(model.parameters(), cfg)
-        self.scheduler = (make_schedule or (lambda o, n: linear_schedule(o, n, cfg.warmup_ratio)))(optimizer, total_steps)
+        self.scheduler = (make_schedule or (lambda o, n: schedule_of(o, n, cfg)))(optimizer, total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.start = load_latest_checkpoint(accelerator, self.scheduler, checkpoints) if checkpoints else 0
         self.state = loop_state(checkpoints, self.start) if checkpoints else loop_state(None, 0)
