@@ -339,3 +339,28 @@ def test_cosine_schedule_warms_up_linearly_then_follows_half_a_cosine_to_zero():
         linear.optimizer.step()
         linear.step()
     assert linear.get_last_lr()[0] == pytest.approx(1.0)  # the default stays HF's linear decay: 2·(10−6)/8
+
+
+def test_weighted_step_loss_is_the_weighted_mean_over_the_whole_step_whatever_the_micro_batches(tmp_path):
+    from accelerate import Accelerator
+
+    from sparring.training.loop import run_micro_batches
+
+    data = records(12)
+
+    def weight(r):
+        return 1.0 + r[2] + r[3]  # unequal per-record weights (record i: 1 + i % 3 + i % 5)
+
+    def gradient(micro_batches):
+        model, acc = Toy(), Accelerator(cpu=True)
+        work = run_micro_batches(model, data, micro_batches, collate, step, acc, loss_scale=1, weight=weight)
+        return model.w.weight.grad.clone(), work.sums["loss"] / work.shares["loss"]
+
+    reference = Toy()  # Σ_i w_i·ℓ_i / Σ_i w_i on the whole step at once, by hand
+    losses = step(reference, collate(data)).loss
+    w = torch.tensor([weight(r) for r in data])
+    ((losses * w).sum() / w.sum()).backward()
+    for micro_batches in ([list(range(12))], [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11]]):
+        grad, logged = gradient(micro_batches)
+        torch.testing.assert_close(grad, reference.w.weight.grad, rtol=1e-5, atol=1e-7)
+        assert logged == pytest.approx(float((losses.detach() * w).sum() / w.sum()), rel=1e-6)  # the loss logged

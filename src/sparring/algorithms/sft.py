@@ -4,9 +4,10 @@ One iteration on the shared epoch loop, starting from ``model.name_or_path`` (θ
 
 1. data: the rows of ``data.source`` (messages, prompt-completion or SPIN format), rendered with the
    tokenizer's chat template; the loss is on the response tokens only;
-2. train: minimise the mean over examples of each response's mean token NLL, −(1/|y|)·log π_θ(y|x),
-   for ``train.epochs`` epochs (TRL's SFTTrainer averages over all response tokens of a batch
-   instead; the two agree when responses have equal lengths);
+2. train: minimise the mean token NLL over all the response tokens of each optimizer step (every
+   micro-batch, every process), −Σ log π_θ(y|x) / Σ|y|, for ``train.epochs`` epochs — TRL's
+   SFTTrainer's normalisation (``num_items_in_batch``): each example's −(1/|y|)·log π_θ(y|x)
+   weighted by its |y| (``train(weight=)``);
 3. save θ_1 (``run_dir.model(0)``, LoRA adapters merged under ``peft:``), evaluate it on held-out
    data, mark the iteration done.
 
@@ -54,7 +55,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
         result = train(
             model, records, collate=partial(collate_sft, pad_id=s.tokenizer.pad_token_id), loss_step=sft_step,
             cfg=cfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(0), logger=s.logger,
-            log_fields={"iteration": 0}, desc="sft",
+            log_fields={"iteration": 0}, desc="sft", weight=lambda r: len(r.response_ids),
         )
         stages.finish_iteration(s, 0, result, {"examples": len(records)})
         del model, result

@@ -91,8 +91,13 @@ def train(
     log_fields: dict[str, Any],
     global_step_offset: int = 0,
     desc: str = "train",
+    weight: Callable[[Any], float] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``records``; resumes from the newest checkpoint under ``folder``."""
+    """Train ``model`` in place on ``records``; resumes from the newest checkpoint under ``folder``.
+
+    The step's loss is the mean of the per-example losses over all the step's examples (every
+    micro-batch, every process); with ``weight(record)`` it is their ``weight``-weighted mean instead
+    (SFT: weight = response tokens, so the step's loss is the mean token NLL over the whole step)."""
     if not records:
         raise ValueError("no training records")
     plan = plan_steps(len(records), cfg, accelerator.num_processes)
@@ -108,7 +113,7 @@ def train(
 
                 def work(model, step=step) -> Work:
                     w = run_micro_batches(model, records, plan[step], collate, loss_step, accelerator,
-                                          loss_scale=engine.loss_scale)
+                                          loss_scale=engine.loss_scale, weight=weight)
                     w.describe_bad = lambda bad, norm: nonfinite_records(accelerator, bad, plan[step], norm)
                     return w
 
@@ -134,15 +139,19 @@ def batch_tokens(batch: Any) -> int:
                for name, value in zip(batch._fields, batch))
 
 
-def run_micro_batches(model, records, step: list[list[int]], collate, loss_step, accelerator, *, loss_scale: int):
+def run_micro_batches(model, records, step: list[list[int]], collate, loss_step, accelerator, *, loss_scale: int,
+                      weight: Callable[[Any], float] | None = None):
     """Forward and backward over this process's share of one optimizer step.
 
     Returns the step's metric sums and shares (example-weighted), the records whose loss was not
     finite and the real tokens this process ran."""
     micro_batches = shard_step(step, accelerator.process_index, accelerator.num_processes)
-    step_total = sum(len(m) for m in step)
+    # Each example's share of the step's loss: 1 / the step's example count, or weight / the step's
+    # total weight (every process computes the same totals from the plan).
+    weights = {i: float(weight(records[i])) if weight else 1.0 for m in step for i in m}
+    step_total = sum(weights.values())
     sums: dict[str, float] = {}
-    shares: dict[str, float] = {}  # the share of the step's examples each metric was measured on
+    shares: dict[str, float] = {}  # the share of the step's loss each metric was measured on
     bad: list[int] = []
     tokens = 0
     for j, micro in enumerate(micro_batches):
@@ -152,12 +161,15 @@ def run_micro_batches(model, records, step: list[list[int]], collate, loss_step,
         batch = to_device(batch, accelerator.device)
         with gradient_sync(accelerator, model, last=j == len(micro_batches) - 1), accelerator.autocast():
             out = loss_step(model, batch)
-            # The sum over the step's examples / their global count (scaled for the reductions after).
-            accelerator.backward(out.loss.sum() * (loss_scale if micro.count else 0) / step_total)
+            loss = out.loss.sum() if weight is None else (out.loss * out.loss.new_tensor([weights[i] for i in micro.indices])).sum()
+            # The (weighted) sum over the step's examples / their global total (scaled for the reductions after).
+            accelerator.backward(loss * (loss_scale if micro.count else 0) / step_total)
         # A stand-in's NaN counts too: 0 × NaN is still NaN in the gradients it sends.
         finite = torch.isfinite(out.loss.detach()).flatten().tolist()
         bad += [i for i, ok in zip(micro.indices, finite) if not ok]
-        add_metrics(sums, shares, {"loss": out.loss.detach().mean(), **out.metrics}, micro.count / step_total)
+        mine = sum(weights[i] for i in micro.indices) if micro.count else 0.0
+        add_metrics(sums, shares, {"loss": loss.detach() / max(mine, 1e-30) if weight else out.loss.detach().mean(),
+                                   **out.metrics}, mine / step_total)
     return Work(sums, shares, bad, tokens)
 
 
