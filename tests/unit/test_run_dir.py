@@ -8,7 +8,7 @@ import pytest
 from tests.unit.table_lm import TableModel
 
 from sparring.state import RunDir, StaleCache, cache_key, check_cache_key
-from sparring.training.loop import checkpoint_dir
+from sparring.training.engine import checkpoint_dir
 from sparring.training.precompute import logp_cache_key, score_sequences
 
 
