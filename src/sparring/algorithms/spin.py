@@ -31,6 +31,8 @@ from sparring.modeling import check_peft
 from sparring.state import write_jsonl
 from sparring.training import score_sequences, train
 
+READS = ("data", "generation", "train", "spin", "per_iteration")  # + config.COMMON_FIELDS
+
 
 class PairRecord(NamedTuple):
     prompt_ids: list[int]

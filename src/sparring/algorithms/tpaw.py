@@ -44,6 +44,8 @@ from sparring.state import atomic_write_json, check_cache_key
 from sparring.training import score_sequences, train
 from sparring.training.precompute import logp_cache_key
 
+READS = ("data", "generation", "train", "tpaw", "per_iteration")  # + config.COMMON_FIELDS
+
 
 class TeamRecord(NamedTuple):
     prompt_ids: list[int]

@@ -36,6 +36,12 @@ from sparring.training import train
 
 PROTO = "proto"  # iter_000/proto.jsonl: y₀ ~ π_θ0, drawn once
 
+# + config.COMMON_FIELDS. Every train field but logprob_batch_size: T-SPIN precomputes no log-probs.
+READS = ("data", "generation", "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio",
+         "train.lr_scheduler", "train.epochs", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
+         "train.mixed_precision", "train.gradient_checkpointing", "train.save_steps", "train.logging_steps",
+         "train.seed", "train.on_nonfinite", "tspin", "per_iteration")
+
 
 class TripletRecord(NamedTuple):
     prompt_ids: list[int]

@@ -54,6 +54,12 @@ from sparring.state import read_jsonl, write_jsonl
 from sparring.training.engine import Engine, Work
 from sparring.training.signals import NonFiniteLoss, Preempted, StopRequest
 
+# + config.COMMON_FIELDS. No data set (data.max_length cuts the held-out rows only), no epochs: lsp.steps.
+READS = ("lsp", "data.max_length", "generation.seed", "generation.batch_size", "generation.on_truncated",
+         "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.lr_scheduler",
+         "train.batch_size", "train.max_grad_norm", "train.mixed_precision", "train.gradient_checkpointing",
+         "train.logging_steps", "train.seed", "train.on_nonfinite")
+
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
