@@ -27,7 +27,7 @@ from sparring.losses import LossOutput
 from sparring.modeling import check_peft
 from sparring.training import train
 
-READS = ("output_dir", "model", "data", "train", "eval", "peft")
+READS = ("data", "train")  # + config.COMMON_FIELDS
 
 
 class SftRecord(NamedTuple):
