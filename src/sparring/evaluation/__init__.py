@@ -1,4 +1,4 @@
-"""In-loop evaluation: held-out exact-match accuracy (proving ground) and real-response log-probs."""
+"""In-loop evaluation: held-out answers scored by a verifier (``eval.verifier``) and real-response log-probs."""
 
 from sparring.evaluation.heldout import EvalSet, evaluate, load_eval_set
 

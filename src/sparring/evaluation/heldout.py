@@ -1,6 +1,8 @@
 """Held-out evaluation of one model, by every process of a run (each takes a share of the batches).
 
-- ``exact_match``: greedy answers checked by the proving ground's program (``eval.verifier``);
+- with ``eval.verifier`` (a verifier of ``rewards.registry`` or a user function): the mean score of
+  the greedy answers to each held-out prompt's last user turn, as the verifier's metric
+  (``exact_match`` for the proving ground; an answer the verifier cannot judge scores 0);
 - ``logps_real_per_token``: mean per-token log-prob of the held-out real responses (any data).
 """
 
@@ -15,6 +17,7 @@ from sparring.data import encode, load_examples, load_rows
 from sparring.data.records import Example
 from sparring.generation import HFGenerator, SamplingParams
 from sparring.logprobs import collate, sequence_logps
+from sparring.rewards.registry import Verifier, verifier
 
 
 @dataclass
@@ -53,7 +56,8 @@ def evaluate(model, tokenizer, data: EvalSet, cfg: EvalConfig, accelerator=None)
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     n = len(data.examples)
-    rows = exact_matches(model, tokenizer, data, cfg, rank, world) if cfg.verifier == "proving_ground" else []
+    judge = verifier(cfg.verifier) if cfg.verifier not in (None, "none") else None
+    rows = verified_scores(model, tokenizer, data, cfg, judge, rank, world) if judge else []
     rows += real_logps(model, tokenizer, data, cfg, rank, world)
     if world > 1:
         from accelerate.utils import gather_object
@@ -61,25 +65,36 @@ def evaluate(model, tokenizer, data: EvalSet, cfg: EvalConfig, accelerator=None)
         rows = gather_object(rows)
     logps = sorted((r for r in rows if "logp" in r), key=lambda r: r["batch"])
     results: dict[str, float] = {}
-    if cfg.verifier == "proving_ground":
-        results["exact_match"] = sum(r["correct"] for r in rows if "correct" in r) / max(n, 1)
+    if judge:
+        scores = sorted((r for r in rows if "score" in r), key=lambda r: r["index"])
+        results[judge.metric] = sum(r["score"] for r in scores) / max(n, 1)
     # Summed in batch order, as one process would: the same float whatever the world size.
     results["logps_real_per_token"] = sum(r["logp"] for r in logps) / max(sum(r["tokens"] for r in logps), 1)
     return results
 
 
-def exact_matches(model, tokenizer, data: EvalSet, cfg: EvalConfig, rank: int, world: int) -> list[dict]:
-    """{"index", "correct"} per example of this process's share: greedy answers, length-sorted batches."""
-    from sparring.tasks import check
+def query_of(example: Example) -> str:
+    """What the verifier is asked about: the prompt's last user turn (a system turn or earlier
+    exchange before it is context, not the query)."""
+    turns = [t["content"] for t in example.prompt if t.get("role") == "user"]
+    if not turns:
+        raise ValueError(f"held-out row {example.row} has no user turn for eval.verifier to judge")
+    return turns[-1]
 
+
+def verified_scores(model, tokenizer, data: EvalSet, cfg: EvalConfig, judge: Verifier, rank: int,
+                    world: int) -> list[dict]:
+    """{"index", "score"} per example of this process's share: greedy answers (length-sorted batches)
+    scored by the verifier; an answer it cannot judge (valid False) scores 0."""
     generator = HFGenerator(model, tokenizer)
     order = sorted(range(len(data.examples)), key=lambda i: len(data.prompt_ids[i]))
     rows = []
     for k, idx in shard(batches_of(order, cfg.batch_size), rank, world):
         outs = generator.generate([data.prompt_ids[i] for i in idx], SamplingParams.greedy(cfg.max_new_tokens), seed=0)
         if k is not None:
-            rows += [{"index": i, "correct": bool(check(data.examples[i].prompt[-1]["content"], out.text))}
-                     for i, out in zip(idx, outs)]
+            batch = judge.reward([query_of(data.examples[i]) for i in idx], [out.text for out in outs])
+            rows += [{"index": i, "score": score if ok else 0.0}
+                     for i, score, ok in zip(idx, batch.scores, batch.valid, strict=True)]
     return rows
 
 

@@ -1,9 +1,11 @@
-"""Rewards for self-play: the RewardFn interface, HF reward models, user functions, the LSP self-judge.
+"""Rewards for self-play: the RewardFn interface, HF reward models, user functions, the LSP self-judge,
+and the verifiers held-out evaluation looks up by name (``registry``).
 
 Importing this package does not import ``transformers``; ``HFRewardModel`` does so when built.
 """
 
 from sparring.rewards.base import RewardBatch, RewardFn, check_pairs, score_one
+from sparring.rewards.registry import Verifier
 from sparring.rewards.reward_model import HFRewardModel
 from sparring.rewards.self_judge import (
     SELF_REWARD_PROMPT,
@@ -25,6 +27,7 @@ __all__ = [
     "SelfJudge",
     "SelfJudgeBatch",
     "UserReward",
+    "Verifier",
     "check_pairs",
     "load_user_reward",
     "parse_quality_score",
