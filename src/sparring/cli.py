@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"`sparring sft` runs configs with method: sft; {config} has method: {cfg.method} "
                                   "(use `sparring run` for it)")
             from sparring import algorithms
+            from sparring.modeling import ensure_base_model
             from sparring.training.loop import EXIT_PREEMPTED, NonFiniteLoss, Preempted
+
+            ensure_base_model(cfg)  # the quickstart and configs with model.build_proving_ground: true
 
             try:
                 algorithms.get(cfg.method)(cfg, force=args.force)

@@ -146,12 +146,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def ensure_base_model(cfg: RunConfig) -> None:
-    """Build the proving ground's SFT model at model.name_or_path when asked to and missing."""
+    """Build the proving ground's SFT model at model.name_or_path when the config asks for it
+    (model.build_proving_ground) and it is missing. The CLI calls this, before the run starts; a
+    multi-process launch is refused then, before any process writes anything."""
     target = Path(cfg.model.name_or_path)
     if not cfg.model.build_proving_ground or (target / "config.json").exists():
         return
+    if launched_world_size() > 1:
+        raise ConfigError(f"the proving ground is missing at {target}: build it first in one process "
+                          "(`sparring sft` with the same config), then launch the multi-process run")
+    from sparring.state import RunDir
     from sparring.tasks.sft import build_proving_ground
 
+    RunDir(cfg.output_dir).lock()  # a run held by another process is refused before minutes of building
     build_proving_ground(cfg.sft, model_dir=target)
 
 

@@ -21,7 +21,6 @@ from sparring.evaluation import evaluate, load_eval_set
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
 from sparring.modeling import (
     add_adapters,
-    ensure_base_model,
     is_peft_model,
     load_model,
     load_tokenizer,
@@ -59,7 +58,6 @@ def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True)
     if accelerator.is_main_process:
         try:
             run_dir.lock()  # before anything is written: the lock stays held until the process ends
-            ensure_base_model(cfg)
             resumed = run_dir.start(cfg, force=force)
             print(f"{'resuming' if resumed else 'starting'} {cfg.method} run in {run_dir.root}")
         except (RunLocked, ConfigError) as err:
@@ -135,9 +133,8 @@ def generate(s: Session, model, t: int, name: str, cfg: RunConfig | None = None)
         if cfg.generation.backend == "vllm":
             from sparring.generation.vllm import VLLMGenerator
 
-            path = model_path(s, t) or cfg.model.name_or_path  # vLLM loads θ_t from disk
-            generator = VLLMGenerator(path, s.tokenizer, gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+            generator = VLLMGenerator.for_model(cfg.model, model_path(s, t), s.tokenizer,  # vLLM loads θ_t from disk
+                                                gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization)
         else:
             generator = HFGenerator(model, s.tokenizer)
         rows = generate_responses(

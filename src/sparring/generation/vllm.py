@@ -1,7 +1,8 @@
 """vLLM backend (``generation.backend: vllm``, extra ``sparring[vllm]``), for GPUs.
 
 vLLM loads the checkpoint from disk (the iterate θ_t saved by the previous iteration), takes the
-same rendered prompt token ids as the Hugging Face backend and the same per-batch seeds. The SPIN
+same rendered prompt token ids as the Hugging Face backend and the same per-batch seeds, in the
+precision the HF model has (``model.dtype``) and, for the base model, at ``model.revision``. The SPIN
 maintainers note that vLLM samples differ from HF generation; use ``hf`` to reproduce the paper.
 """
 
@@ -9,13 +10,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparring.config import ModelConfig
 from sparring.data.chat import stop_token_ids
 from sparring.generation.base import Completion, SamplingParams, complete
 
 
 class VLLMGenerator:
-    def __init__(self, path: str | Path, tokenizer, *, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
-                 trust_remote_code: bool = False):
+    @classmethod
+    def for_model(cls, model: ModelConfig, path: str | Path | None, tokenizer, *,
+                  gpu_memory_utilization: float = 0.5) -> VLLMGenerator:
+        """θ_t as the run's ``model:`` settings load it: ``path`` (a checkpoint of the run) or, for None,
+        the base ``model.name_or_path`` at ``model.revision``; in ``model.dtype`` resolved as for the HF
+        model (auto: bf16 on GPU). ``model.attn_implementation`` is HF's: vLLM picks its own kernels."""
+        from sparring.modeling import resolve_dtype
+
+        dtype = str(resolve_dtype(model.dtype)).removeprefix("torch.")
+        return cls(path or model.name_or_path, tokenizer, dtype=dtype, revision=None if path else model.revision,
+                   gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=model.trust_remote_code)
+
+    def __init__(self, path: str | Path, tokenizer, *, dtype: str = "auto", revision: str | None = None,
+                 gpu_memory_utilization: float = 0.5, trust_remote_code: bool = False):
         try:
             from vllm import LLM
         except ImportError as err:  # pragma: no cover - needs the extra
@@ -24,11 +38,11 @@ class VLLMGenerator:
 
         self.tokenizer = tokenizer
         try:  # the end ids the checkpoint declares (Qwen / Llama-3 chat models list end-of-turn there)
-            self.declared_eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+            self.declared_eos = GenerationConfig.from_pretrained(str(path), revision=revision or "main").eos_token_id
         except OSError:
             self.declared_eos = None
-        self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                       gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, revision=revision, tokenizer_revision=revision,
+                       trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
         from vllm import SamplingParams as VLLMSampling
