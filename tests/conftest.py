@@ -35,12 +35,12 @@ def tiny_ground(tmp_path_factory) -> dict[str, str]:
     return {"model": str(model), "train": str(root / "data" / "train.jsonl"), "eval": str(root / "data" / "eval.jsonl")}
 
 
-def tiny_overrides(ground: dict[str, str], out: Path) -> list[str]:
-    """Dotted overrides pointing a tiny config at the session's proving ground and ``out``."""
+def tiny_overrides(ground: dict[str, str], out: Path, *, data: bool = True) -> list[str]:
+    """Dotted overrides pointing a tiny config at the session's proving ground and ``out`` (``data``
+    False: no data.source, for LSP, which reads no training data)."""
     return [
         f"output_dir={out}",
-        f"model.name_or_path={ground['model']}",
-        "model.build_proving_ground=false",
-        f"data.source={ground['train']}",
+        f"model.name_or_path={ground['model']}",  # exists: the CLI builds no proving ground
+        *([f"data.source={ground['train']}"] if data else []),
         f"eval.source={ground['eval']}",
     ]

@@ -12,10 +12,15 @@ that iteration (SPIN lowers the learning rate at iteration 2 and raises the scal
 
 Only the fields in ``PER_ITERATION_FIELDS`` (the ones an iteration reads from its own config) may be
 overridden there; any other key is refused, since the run would silently ignore it.
+
+Each method reads only part of the config: the shared fields (``COMMON_FIELDS``) and its module's
+``READS`` (``algorithms.reads``). A field a config file or an override sets that the method does not
+read is refused for the same reason, and the resume fingerprint covers only what the method reads.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -33,18 +38,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "runs/proving-ground/sft"  # Hub id or local directory
+    name_or_path: str | None = None  # Hub id or local directory (required)
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: str | None = None
-    # If name_or_path has no model yet, build the built-in proving ground there first (`sparring sft`).
+    # If name_or_path has no model yet, the CLI builds the built-in proving ground there first, from the
+    # sft: section (`sparring sft`); only then may the config set sft: fields.
     build_proving_ground: bool = False
 
 
 @dataclass
 class DataConfig:
-    source: str = "runs/proving-ground/data/train.jsonl"  # jsonl/json/parquet file, save_to_disk dir, Hub id
+    source: str | None = None  # jsonl/json/parquet file, save_to_disk dir, Hub id (required by methods that train on data)
     split: str = "train"
     format: Literal["auto", "messages", "prompt_completion", "spin"] = "auto"
     num_prompts: int | None = None  # take the first N rows after shuffling (None: all)
@@ -100,10 +106,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    source: str | None = "runs/proving-ground/data/eval.jsonl"  # held-out rows, any supported format
+    source: str | None = None  # held-out rows, any supported format (None: no held-out evaluation)
     split: str = "test"
     num_examples: int | None = None
-    verifier: Literal["none", "proving_ground"] = "proving_ground"  # exact-match accuracy via tasks.solve
+    # Scores each greedy answer to a held-out prompt's last user turn: a verifier of the rewards registry
+    # (proving_ground: the built-in task's exact match) or a user function "package.module:function"
+    # taking (query, answer) -> float | None. None (or "none"): only real-response log-probs.
+    verifier: str | None = None
     max_new_tokens: int = 32
     batch_size: int = 64
 
@@ -244,7 +253,7 @@ class SftConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["spin", "tspin", "tpaw", "lsp", "sft"] = "spin"
+    method: str = "spin"  # a name of sparring.algorithms.names(), checked at load time
     output_dir: str = "runs/spin"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -286,6 +295,69 @@ RESUMABLE_FIELDS = (
     "eval",
     "model.build_proving_ground",
 )
+
+
+# What every method reads beside its module's READS: the shared set-up (stages.open_session: the run
+# directory, the model and tokenizer, the accelerator's precision), LoRA (peft:, one section for every
+# method) and the held-out evaluation (eval:, and data.max_length, which cuts the held-out rows).
+COMMON_FIELDS = ("method", "output_dir", "model", "eval", "peft", "train.mixed_precision", "data.max_length")
+# Read by the CLI, which builds the proving ground from it, only with model.build_proving_ground: true.
+PROVING_GROUND_SECTION = "sft"
+
+
+def method_reads(method: str) -> tuple[str, ...]:
+    """The dotted prefixes of RunConfig fields ``method`` reads: COMMON_FIELDS, then its READS."""
+    from sparring import algorithms
+
+    fields = tuple(dict.fromkeys((*COMMON_FIELDS, *algorithms.reads(method))))
+    return tuple(f for f in fields if _is_under(f, [g for g in fields if g != f]) is None)  # data.max_length ⊂ data
+
+
+def reads(cfg: RunConfig) -> tuple[str, ...]:
+    """What a run of ``cfg`` reads: its method's fields, and the sft: section when the CLI builds the
+    proving ground (model.build_proving_ground)."""
+    extra = (PROVING_GROUND_SECTION,) if cfg.model.build_proving_ground else ()
+    return method_reads(cfg.method) + extra
+
+
+def _reads_text(cfg: RunConfig) -> str:
+    fields = [f if "." in f or f in ("method", "output_dir", "per_iteration") else f + ".*" for f in reads(cfg)]
+    if not cfg.model.build_proving_ground:
+        fields.append(f"{PROVING_GROUND_SECTION}.* (with model.build_proving_ground: true)")
+    return f"{cfg.method} reads: {', '.join(fields)}"
+
+
+def check_set_fields(cfg: RunConfig, keys) -> None:
+    """Refuse a field the user set (``keys``: dotted, from the file and the overrides) that the run
+    does not read: it would be silently ignored."""
+    readable = reads(cfg)
+    for key in keys:  # per_iteration: validate says why a method without iterations does not read it
+        if key != "per_iteration" and not _is_under(key, readable):
+            raise ConfigError(f"'{key}' is set, but method {cfg.method} does not read it (remove it); "
+                              f"{_reads_text(cfg)}")
+
+
+def fields_set(data: dict[str, Any], cls: type | None = None, prefix: str = "") -> list[str]:
+    """The dotted leaf fields a (validated) config mapping sets, e.g. ["train.lr", "spin.scale"]."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints.get(key)) and isinstance(value, dict):
+            out += fields_set(value, hints[key], f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def _override_fields(key: str, value: Any) -> list[str]:
+    """The leaf fields an override sets: itself, or the fields of a section it sets to a mapping."""
+    tp: Any = RunConfig
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return fields_set(value, tp, key + ".")
+    return [key]
 
 
 # The fields an iteration of SPIN, T-SPIN or TPAW reads from ``cfg.for_iteration(t)``: the only ones
@@ -334,11 +406,14 @@ def _is_under(key: str, prefixes) -> str | None:
 def _check_per_iteration_key(cfg: RunConfig, key: str, iteration: int) -> None:
     fields = f"per-iteration fields are: {', '.join(_per_iteration_fields(cfg.method))}"
     section = key.split(".")[0]
-    if section in ITERATIVE_METHODS and section != cfg.method:
+    readable = method_reads(cfg.method)
+    if section in ITERATIVE_METHODS and not _is_under(key, readable):
         raise ConfigError(f"per_iteration.{iteration}: '{key}' is a {section} setting and this run's method is "
                           f"{cfg.method}; {fields}")
     if _is_under(key, PER_ITERATION_FIELDS):
-        return
+        if _is_under(key, readable):
+            return
+        raise ConfigError(f"per_iteration.{iteration}: '{key}': method {cfg.method} does not read it; {fields}")
     special = _is_under(key, NOT_PER_ITERATION)
     why = f"is not per iteration: {NOT_PER_ITERATION[special]}" if special else \
         "is read once at the start of a run, not per iteration"
@@ -346,8 +421,9 @@ def _check_per_iteration_key(cfg: RunConfig, key: str, iteration: int) -> None:
 
 
 def _per_iteration_fields(method: str) -> list[str]:
-    """The whitelist as a user of ``method`` may write it (generation.* for the section prefix)."""
-    mine = [f for f in PER_ITERATION_FIELDS if f.split(".")[0] not in ITERATIVE_METHODS or f.startswith(method + ".")]
+    """The whitelist as a user of ``method`` may write it (generation.* for the section prefix): the
+    whitelisted fields the method reads."""
+    mine = [f for f in PER_ITERATION_FIELDS if _is_under(f, method_reads(method))]
     return [f if "." in f else f + ".*" for f in mine]
 
 
@@ -493,19 +569,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     # Validate the file alone first so an error names the file's key, then fill defaults.
     from_dict(RunConfig, data)
     full = to_dict(from_dict(RunConfig, data))
+    given = fields_set(data)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(full, key, value)
+        given += _override_fields(key, value)
     cfg = from_dict(RunConfig, full)
-    validate(cfg)
+    validate(cfg, set_fields=dict.fromkeys(given))
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks across fields, and that every per-iteration override names a real field."""
+def validate(cfg: RunConfig, *, set_fields=None) -> None:
+    """Checks across fields, that every per-iteration override names a real field, and (given
+    ``set_fields``, the dotted fields the user set) that the method reads every field set."""
+    from sparring import algorithms
+
+    if cfg.method not in algorithms.names():
+        raise ConfigError(f"'method': {cfg.method!r} is not a method; methods: {', '.join(algorithms.names())} "
+                          "(a method of your own joins with sparring.algorithms.register)")
+    if set_fields is not None:
+        check_set_fields(cfg, set_fields)
+    readable = method_reads(cfg.method)
     base = to_dict(cfg)
-    if cfg.per_iteration and cfg.method not in ITERATIVE_METHODS:
-        raise ConfigError(f"per_iteration: method {cfg.method} has no iterations (one online loop of "
-                          f"{cfg.method}.steps steps) and never reads per_iteration; remove it")
+    if cfg.per_iteration and "per_iteration" not in readable:
+        loop = f" (one online loop of {cfg.method}.steps steps)" if cfg.method == "lsp" else ""
+        raise ConfigError(f"per_iteration: method {cfg.method} has no iterations{loop} and never reads "
+                          "per_iteration; remove it")
     for iteration, overrides in cfg.per_iteration.items():
         if iteration < 0:
             raise ConfigError(f"per_iteration: iteration {iteration} must be >= 0")
@@ -513,13 +601,34 @@ def validate(cfg: RunConfig) -> None:
             _check_key(base, key, iteration)
             _check_per_iteration_key(cfg, key, iteration)
         _check_iteration_fields(cfg.for_iteration(iteration), f"per_iteration.{iteration}: ")  # also type-checks
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
+    if _is_under("data.max_prompt_length", readable) and cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("data.max_prompt_length must be smaller than data.max_length")
     if cfg.spin.iterations < 1:
         raise ConfigError("spin.iterations must be >= 1")
     _check_iteration_fields(cfg)
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
+    _check_verifier(cfg.eval)
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path is required: a Hub id or a local model directory")
+    if _is_under("data.source", readable) and not cfg.data.source:
+        raise ConfigError(f"data.source is required by method {cfg.method}: a jsonl/json/parquet file, a "
+                          "save_to_disk folder or a Hub dataset id")
+
+
+def _check_verifier(ev: EvalConfig) -> None:
+    """eval.verifier: a verifier of the rewards registry or a "package.module:function" spec (imported
+    when the evaluation runs), and only with held-out data to score."""
+    if ev.verifier in (None, "none"):
+        return
+    from sparring.rewards.registry import names
+
+    if ":" not in ev.verifier and ev.verifier not in names():
+        raise ConfigError(f"eval.verifier: {ev.verifier!r} is not a verifier; verifiers: {', '.join(names())}, "
+                          "or a function of your own as 'package.module:function' taking (query, answer)")
+    if not ev.source:
+        raise ConfigError(f"eval.verifier={ev.verifier} scores held-out answers, but eval.source is not set: "
+                          "set eval.source (held-out rows), or remove eval.verifier")
 
 
 def _check_iteration_fields(cfg: RunConfig, where: str = "") -> None:
@@ -603,9 +712,15 @@ def _check_key(base: dict[str, Any], key: str, iteration: int) -> None:
 
 
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that change results, flattened to dotted keys (compared on resume)."""
-    flat = _flatten(to_dict(cfg))
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)}
+    """The settings that change results, flattened to dotted keys (compared on resume): the fields
+    the method reads (``method_reads``), less the RESUMABLE_FIELDS."""
+    readable = method_reads(cfg.method)
+    return {k: v for k, v in flat_settings(cfg).items() if _is_under(k, readable) and not _is_under(k, RESUMABLE_FIELDS)}
+
+
+def flat_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Every field of ``cfg``, flattened to dotted keys (per_iteration as one value)."""
+    return _flatten(to_dict(cfg))
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -620,4 +735,18 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The fields the run reads (``reads``), as YAML: the file loads back as the same run."""
+    return yaml.safe_dump(_readable_dict(cfg, cfg, reads(cfg)), sort_keys=False)
+
+
+def _readable_dict(obj: Any, cfg: RunConfig, readable: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            section = _readable_dict(value, cfg, readable, key + ".")
+            if section:
+                out[f.name] = section
+        elif _is_under(key, readable):
+            out[f.name] = copy.deepcopy(value)
+    return out

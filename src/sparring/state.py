@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sparring.config import ConfigError, RunConfig, dump_yaml, fingerprint
+from sparring.config import ConfigError, RunConfig, dump_yaml, fingerprint, flat_settings
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -153,8 +153,10 @@ def _same_place(a: Any, b: Any) -> bool:
 def changed_settings(old: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose value differs. A field added to sparring after the run started counts as
     unchanged when it holds its default; a field sparring no longer has is ignored; a path setting
-    (``PATH_SETTINGS``) naming the same existing file or folder by another path is unchanged."""
-    defaults = fingerprint(RunConfig())
+    (``PATH_SETTINGS``) naming the same existing file or folder by another path is unchanged. Only
+    ``current``'s keys are compared: a run started when the fingerprint held every method's sections
+    resumes if the fields its method reads (``config.fingerprint``) are unchanged."""
+    defaults = flat_settings(RunConfig())
     same = {k: _same_place for k in PATH_SETTINGS}
     return sorted(k for k in current if not same.get(k, operator.eq)(old.get(k, defaults.get(k)), current[k]))
 

@@ -23,7 +23,7 @@ from sparring.state import write_jsonl
 pytestmark = pytest.mark.slow
 COMMON = ["data.num_prompts=8", "data.max_prompt_length=120", "data.max_length=160", "data.on_bad_row=skip",
           "generation.max_new_tokens=24", "generation.batch_size=8", "train.batch_size=4",
-          "train.logprob_batch_size=8", "eval.verifier=none", "model.build_proving_ground=false"]
+          "train.logprob_batch_size=8", "eval.verifier=none"]
 
 
 def reward(query: str, answer: str) -> float:
@@ -96,7 +96,7 @@ def test_lsp_on_the_family(family, tmp_path):
     out = tmp_path / "lsp"
     name, model, _, heldout = family
     args = ["run", str(REPO / "configs" / "lsp" / "tiny.yaml"), f"output_dir={out}", f"model.name_or_path={model}",
-            "model.build_proving_ground=false", f"eval.source={heldout}", "eval.verifier=none", "lsp.steps=2",
+            f"eval.source={heldout}", "eval.verifier=none", "lsp.steps=2",
             "lsp.num_queries=2", "lsp.answers_per_query=2", "lsp.eval_every=2", "lsp.save_every=2",
             "lsp.sample_every=1", "lsp.query_max_new_tokens=8", "lsp.answer_max_new_tokens=8",
             "lsp.reward.kind=function", "lsp.reward.function=tests.integration.test_families:reward"]

@@ -69,7 +69,8 @@ def lora_run(request, tiny_ground, tmp_path_factory):
     (root / "lora_test_reward.py").write_text("def reward(query, answer):\n    return float(len(answer) % 3) + 0.1 * len(query)\n")
     config = str(REPO / "configs" / method / "tiny.yaml")
     extra, saved = RUNS[method]
-    args = ["run", config, *tiny_overrides(tiny_ground, root / "run"), *(SMALL if method != "lsp" else []), *extra, *LORA]
+    args = ["run", config, *tiny_overrides(tiny_ground, root / "run", data=method != "lsp"), *(SMALL if method != "lsp" else []),
+            *extra, *LORA]
     probe = MergeProbe(sparring.stages.merge_adapters, tiny_ground["model"])
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(root))

@@ -37,7 +37,7 @@ def reward_dir(tmp_path, monkeypatch) -> Path:
 
 
 def overrides(ground, out: Path, *extra: str) -> list[str]:
-    return tiny_overrides(ground, out) + [
+    return tiny_overrides(ground, out, data=False) + [
         "eval.num_examples=8", "lsp.steps=4", "lsp.num_queries=2", "lsp.answers_per_query=2",
         "lsp.query_max_new_tokens=12", "lsp.answer_max_new_tokens=8", "lsp.eval_every=2",
         "lsp.save_every=2", "lsp.sample_every=2", *extra,

@@ -22,7 +22,12 @@ from sparring.config import (
 from sparring.state import RunDir
 
 
-def write(tmp_path, data) -> str:
+def write(tmp_path, data, *, required: bool = True) -> str:
+    """``data`` as a config file, with the model and data source every run needs (``required``)."""
+    if required:
+        base = {"model": {"name_or_path": "some/model"}}
+        base |= {} if data.get("method") == "lsp" else {"data": {"source": "train.jsonl"}}
+        data = {**base, **data}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -205,7 +210,7 @@ def test_the_per_iteration_whitelist_is_what_an_iteration_reads(tmp_path, monkey
         monkeypatch.setattr(RunConfig, "for_iteration", lambda self, t, seen=seen: Recorder(original(self, t), "", seen))
         cfg = load_config(str(REPO / "configs" / method / "tiny.yaml"), [
             f"output_dir={tmp_path / method}", f"model.name_or_path={tmp_path / 'base'}",
-            "model.build_proving_ground=false", f"data.source={train_path}", "data.num_prompts=4", "eval.source=null",
+            f"data.source={train_path}", "data.num_prompts=4", "eval.source=null", "eval.verifier=none",
             "generation.max_new_tokens=4", "generation.batch_size=4", "train.batch_size=4", f"{method}.iterations=1",
         ])
         get(method)(cfg)
@@ -227,12 +232,14 @@ def test_cross_field_validation():
 def test_nll_coefs_default_off_and_refuse_negative_values(tmp_path):
     cfg = load_config(None)
     assert cfg.spin.nll_coef == 0.0 and cfg.tpaw.nll_coef == 0.0  # the papers' losses unless asked
-    assert load_config(None, ["spin.nll_coef=1.0", "tpaw.nll_coef=0.5"]).spin.nll_coef == 1.0
-    for key in ("spin.nll_coef", "tpaw.nll_coef"):
+    assert load_config(None, ["spin.nll_coef=1.0"]).spin.nll_coef == 1.0
+    tpaw = str(REPO / "configs" / "tpaw" / "tiny.yaml")
+    assert load_config(tpaw, ["tpaw.nll_coef=0.5"]).tpaw.nll_coef == 0.5
+    for config, key in ((None, "spin.nll_coef"), (tpaw, "tpaw.nll_coef")):
         with pytest.raises(ConfigError, match=rf"{key} must be >= 0"):
-            load_config(None, [f"{key}=-0.1"])
+            load_config(config, [f"{key}=-0.1"])
         with pytest.raises(ConfigError, match=rf"{key} must be >= 0"):
-            load_config(None, [f"{key}=.nan"])
+            load_config(config, [f"{key}=.nan"])
     with pytest.raises(ConfigError, match=r"per_iteration\.2: spin\.nll_coef must be >= 0"):
         load_config(write(tmp_path, {"per_iteration": {2: {"spin.nll_coef": -1.0}}}))
 
@@ -290,6 +297,6 @@ def test_resume_refuses_a_changed_lsp_steps(tmp_path):
     base = [f"output_dir={tmp_path}", "lsp.steps=40"]
     run = RunDir(tmp_path)
     run.start(load_config("configs/lsp/tiny.yaml", base))
-    assert run.start(load_config("configs/lsp/tiny.yaml", [*base, "lsp.eval_every=5", "train.logprob_batch_size=3"]))
+    assert run.start(load_config("configs/lsp/tiny.yaml", [*base, "lsp.eval_every=5", "train.logging_steps=3"]))
     with pytest.raises(ConfigError, match=r"lsp\.steps: 40 -> 80"):
         run.start(load_config("configs/lsp/tiny.yaml", [f"output_dir={tmp_path}", "lsp.steps=80"]))

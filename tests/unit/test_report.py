@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 from sparring.cli import main
-from sparring.config import RunConfig, dump_yaml
+from sparring.config import DataConfig, ModelConfig, RunConfig, dump_yaml
 from sparring.evaluation.report import TEXT_CHARS, write_report
 from sparring.state import RunDir, atomic_write_json, write_jsonl
 
 
 def spin_run(tmp_path) -> tuple[RunDir, RunConfig]:
-    rd, cfg = RunDir(tmp_path / "spin"), RunConfig(method="spin")
+    rd, cfg = RunDir(tmp_path / "spin"), RunConfig(method="spin", model=ModelConfig(name_or_path="m"),
+                                                   data=DataConfig(source="train.jsonl"))
     cfg.spin.iterations = 2
     rd.root.mkdir()
     rd.config_path.write_text(dump_yaml(cfg))
@@ -31,7 +32,7 @@ def spin_run(tmp_path) -> tuple[RunDir, RunConfig]:
 
 
 def lsp_run(tmp_path) -> tuple[RunDir, RunConfig]:
-    rd, cfg = RunDir(tmp_path / "lsp"), RunConfig(method="lsp")
+    rd, cfg = RunDir(tmp_path / "lsp"), RunConfig(method="lsp", model=ModelConfig(name_or_path="m"))
     rd.root.mkdir()
     rd.config_path.write_text(dump_yaml(cfg))
     for step, em in [(0, 0.25), (2, 0.5)]:

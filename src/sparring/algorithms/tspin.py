@@ -36,11 +36,9 @@ from sparring.training import train
 
 PROTO = "proto"  # iter_000/proto.jsonl: y₀ ~ π_θ0, drawn once
 
-# + config.COMMON_FIELDS. Every train field but logprob_batch_size: T-SPIN precomputes no log-probs.
-READS = ("data", "generation", "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio",
-         "train.lr_scheduler", "train.epochs", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
-         "train.mixed_precision", "train.gradient_checkpointing", "train.save_steps", "train.logging_steps",
-         "train.seed", "train.on_nonfinite", "tspin", "per_iteration")
+# + config.COMMON_FIELDS. train.logprob_batch_size does nothing here (no log-prob precompute), but stays
+# accepted: the experiments give the SPIN, T-SPIN and TPAW arms one shared override list.
+READS = ("data", "generation", "train", "tspin", "per_iteration")
 
 
 class TripletRecord(NamedTuple):

@@ -47,7 +47,7 @@ def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[
         text = table(rows, LSP_COLUMNS if lsp else SPIN_COLUMNS)
         samples = lsp_samples(run_dir) if lsp else pair_samples(run_dir, iterations)
         atomic_write_text(run_dir.results, text + "\n" + (f"\n{samples}\n" if samples else ""))
-        title = f"LSP ({cfg.lsp.variant})" if lsp else f"{cfg.method} on {Path(cfg.data.source).name}"
+        title = f"LSP ({cfg.lsp.variant})" if lsp else (f"{cfg.method} on {Path(cfg.data.source).name}" if cfg.data.source else cfg.method)
         plot(rows, run_dir.plot, title=title, lsp=lsp)
         print(text)
         print(f"plot: {run_dir.plot}")
