@@ -394,7 +394,7 @@ def run_sft_arm(cfg: LspGroundConfig, job: Job, out: Path, paths: dict[str, Path
         return
     model_cfg = ModelConfig(name_or_path=str(theta0), dtype="float32")
     tokenizer, model = load_tokenizer(model_cfg), load_model(model_cfg)
-    eval_cfg = EvalConfig(source=str(paths["validation"]), split="train", max_new_tokens=cfg.max_new_tokens)
+    eval_cfg = EvalConfig(source=str(paths["validation"]), split="train", verifier="proving_ground", max_new_tokens=cfg.max_new_tokens)
     validation = load_set(paths["validation"], tokenizer)
     done: list[int] = []
 

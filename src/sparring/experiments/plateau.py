@@ -214,7 +214,7 @@ def run_sft_arm(cfg: PlateauConfig, job: Job, root: Path, paths: dict[str, Path]
     pairs = list(zip(data.prompt_ids, data.response_ids))
     order = list(range(len(pairs)))
     random.Random(job.seed).shuffle(order)
-    eval_cfg = EvalConfig(source=str(paths["validation"]), split="train", max_new_tokens=cfg.max_new_tokens)
+    eval_cfg = EvalConfig(source=str(paths["validation"]), split="train", verifier="proving_ground", max_new_tokens=cfg.max_new_tokens)
     validation = load_eval_set(eval_cfg, tokenizer, 256)
     accelerator = make_accelerator(RunConfig())
     logger = MetricsLogger(out / "metrics.jsonl", out / "tb")
