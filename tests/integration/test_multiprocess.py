@@ -105,7 +105,7 @@ def test_evaluation_shares_out_every_batch_once_and_every_process_gets_the_score
     from sparring.evaluation import evaluate, load_eval_set
     from sparring.modeling import load_model, load_tokenizer
 
-    cfg = EvalConfig(source=tiny_ground["eval"], num_examples=18, batch_size=4, max_new_tokens=8)
+    cfg = EvalConfig(source=tiny_ground["eval"], num_examples=18, batch_size=4, max_new_tokens=8, verifier="proving_ground")
     tokenizer = load_tokenizer(ModelConfig(name_or_path=tiny_ground["model"]))
     data = load_eval_set(cfg, tokenizer, 96)
     models = [load_model(ModelConfig(name_or_path=tiny_ground["model"])) for _ in range(3)]
@@ -128,7 +128,7 @@ def test_evaluation_shares_out_every_batch_once_and_every_process_gets_the_score
     for t in threads:
         t.join(timeout=120)
     assert scores[0] == scores[1] == evaluate(models[2], tokenizer, data, cfg)
-    answered = [{r["index"] for r in share if "correct" in r} for share in shares]
+    answered = [{r["index"] for r in share if "score" in r} for share in shares]
     assert not answered[0] & answered[1] and answered[0] | answered[1] == set(range(18))
     scored = [sorted(r["batch"] for r in share if "logp" in r) for share in shares]
     assert scored == [[0, 2, 4], [1, 3]]  # 5 batches of ≤ 4; process 1 also ran a stand-in, dropped
