@@ -296,7 +296,7 @@ def test_cli_exit_status_and_message_of_a_stopped_run(monkeypatch, capsys, tmp_p
     import sparring.algorithms as algorithms
     from sparring.cli import main
 
-    def stopped(cfg, force):
+    def stopped(cfg, force=False):
         raise error
 
     monkeypatch.setattr(algorithms, "get", lambda method: stopped)
