@@ -133,12 +133,11 @@ def lsp_step(s: stages.Session, step: int, engine: Engine, reference, reward_fn,
         sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id,
                                   batch_size=cfg.train.batch_size, accelerator=acc, solver_keep=scored.keep)
         out.update(r=r, scored=scored, adv=adv, quality=quality, fallbacks=fallbacks, sol=sol, ch=ch)
-        rows = prompt_indices(len(prompts), lsp.num_queries, seed=cfg.generation.seed, step=step) if prompts else None
         # tokens through the policy's forward and backward: solver sequences, and the challenger's when it trains
         trained = r.solver_sequences() + (r.challenger_sequences() if ch else [])
         return Work(bad=sol["nonfinite"] + (ch["nonfinite"] if ch else []),
                     tokens=sum(len(p) + len(c) for p, c in trained),
-                    describe_bad=lambda bad, norm: nonfinite_what(sol, ch, g, norm, rows))
+                    describe_bad=lambda bad, norm: nonfinite_what(sol, ch, g, norm, prompt_rows(prompts, lsp, cfg, step)))
 
     # 5. one optimizer step (tokens/s over the whole step, rollouts included)
     end = engine.step(work, stop, done=step)
@@ -159,6 +158,11 @@ def lsp_step(s: stages.Session, step: int, engine: Engine, reference, reward_fn,
     # a checkpoint every lsp.save_every steps; Preempted after a stop signal (the rerun evaluates this step)
     engine.finish(step, end, save=step % lsp.save_every == 0 and step < lsp.steps, after_save=saved)
     evaluate(s, engine.model, step)
+
+
+def prompt_rows(prompts, lsp: LspConfig, cfg: RunConfig, step: int) -> list[int] | None:
+    """The lsp.prompts rows of a step's queries (query_source=data), for the non-finite message only."""
+    return prompt_indices(len(prompts), lsp.num_queries, seed=cfg.generation.seed, step=step) if prompts else None
 
 
 def build_policy_and_reference(cfg: RunConfig, device):
