@@ -294,12 +294,14 @@ def test_stop_signal_finishes_the_step_checkpoints_and_the_rerun_resumes_to_the_
                                                         "error: iteration 0 step 5 of 6: nan")])
 def test_cli_exit_status_and_message_of_a_stopped_run(monkeypatch, capsys, tmp_path, error, code, prefix):
     import sparring.algorithms as algorithms
+    import sparring.modeling as modeling
     from sparring.cli import main
 
     def stopped(cfg, force=False):
         raise error
 
     monkeypatch.setattr(algorithms, "get", lambda method: stopped)
+    monkeypatch.setattr(modeling, "ensure_base_model", lambda cfg: None)  # the quickstart builds no proving ground
     assert main(["run", f"output_dir={tmp_path}"]) == code
     assert prefix in capsys.readouterr().err
 
