@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -121,6 +122,39 @@ def save_theta0(model, tokenizer, target: Path, history: dict, started: float, s
                                                   "settings": settings})
     tmp.replace(target)
     return target
+
+
+def fit_theta0(cfg, root: Path, fields: tuple[str, ...], fit) -> Path:
+    """θ0 at ``root/theta0``: the one on disk when it was built from the same config ``fields``
+    (``built_theta0``), else a fresh tiny model (``new_tiny_model``) fitted by ``fit(tokenizer, model)``,
+    which returns the history to keep, and saved with it (``save_theta0``)."""
+    target, settings = root / "theta0", theta0_settings(cfg, fields)
+    if built_theta0(target, settings):
+        return target
+    tokenizer, model = new_tiny_model(cfg)
+    started = time.time()
+    return save_theta0(model, tokenizer, target, fit(tokenizer, model), started, settings)
+
+
+def tiny_sft(cfg, model, tokenizer, encoded, evaluate, **stopping) -> list[dict]:
+    """``tasks.sft.sft_steps`` on ``encoded`` (prompt ids, response ids) with the config's SFT settings
+    (sft_max_steps, sft_lr, sft_batch_size, data_seed, sft_eval_every) and ``stopping`` (patience / stop_at)."""
+    from sparring.tasks.sft import sft_steps
+
+    return sft_steps(model, tokenizer, encoded, steps=cfg.sft_max_steps, lr=cfg.sft_lr, batch_size=cfg.sft_batch_size,
+                     seed=cfg.data_seed, evaluate=evaluate, eval_every=cfg.sft_eval_every, **stopping)
+
+
+def open_experiment(cfg, write_data, build_theta0) -> tuple[float, Path, dict[str, Path], Path]:
+    """How every experiment's ``run`` starts: progress bars off, ``cfg.output_dir`` made, its data written
+    (``write_data(cfg, root)``) and θ0 fitted (``build_theta0(cfg, paths, root)``), each reused when on disk.
+    Returns (start time, root, data paths, θ0)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    started = time.time()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = write_data(cfg, root)
+    return started, root, paths, build_theta0(cfg, paths, root)
 
 
 def add_wall_time(root: Path, started: float) -> float:

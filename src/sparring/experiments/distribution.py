@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,12 +39,11 @@ from sparring.config import ConfigError, ModelConfig, from_dict
 from sparring.experiments.common import (
     TinyGround,
     add_wall_time,
-    built_theta0,
-    new_tiny_model,
+    fit_theta0,
+    open_experiment,
     open_model,
     read_config,
-    save_theta0,
-    theta0_settings,
+    tiny_sft,
 )
 from sparring.experiments.plateau import METHODS, Job, checkpoints, finished, load_set, parallel, run_dir, run_job
 
@@ -140,28 +138,23 @@ def real_answer_share(model, tokenizer, data) -> float:
 def build_theta0(cfg: DistributionConfig, paths: dict[str, Path], root: Path) -> Path:
     """SFT from scratch on the training prompts, early-stopped on validation mean exact TV at T = 1."""
     from sparring.evaluation.heldout import EvalSet
-    from sparring.tasks.sft import sft_steps
 
-    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
-    if built_theta0(target, settings):
-        return target
-    tokenizer, model = new_tiny_model(cfg)
-    train, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
-    start = time.time()
-    history = sft_steps(model, tokenizer, list(zip(train.prompt_ids, train.response_ids)), steps=cfg.sft_max_steps,
-                        lr=cfg.sft_lr, batch_size=cfg.sft_batch_size, seed=cfg.data_seed,
-                        evaluate=lambda m: -exact_at_1(m, tokenizer, validation, cfg).summary()["tv"],
-                        eval_every=cfg.sft_eval_every, patience=cfg.sft_patience)
-    history = [{"step": h["step"], "tv": -h["score"], "loss": h["loss"]} for h in history]
-    # θ0 on (as many) training prompts (as the validation split has): has it memorised its one answer?
-    k = min(cfg.validation, len(train.examples))
-    seen = EvalSet(train.examples[:k], train.prompt_ids[:k], train.response_ids[:k])
-    on_train = {**exact_at_1(model, tokenizer, seen, cfg).summary(), "real_answer_share": real_answer_share(
-        model, tokenizer, seen)}
-    best = min(history, key=lambda h: h["tv"])
-    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start, settings)
-    print(f"θ0: best validation exact TV {best['tv']:.3f} at step {best['step']}", flush=True)
-    return target
+    def fit(tokenizer, model) -> dict:
+        train, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
+        history = tiny_sft(cfg, model, tokenizer, list(zip(train.prompt_ids, train.response_ids)),
+                           lambda m: -exact_at_1(m, tokenizer, validation, cfg).summary()["tv"],
+                           patience=cfg.sft_patience)
+        history = [{"step": h["step"], "tv": -h["score"], "loss": h["loss"]} for h in history]
+        # θ0 on (as many) training prompts (as the validation split has): has it memorised its one answer?
+        k = min(cfg.validation, len(train.examples))
+        seen = EvalSet(train.examples[:k], train.prompt_ids[:k], train.response_ids[:k])
+        on_train = {**exact_at_1(model, tokenizer, seen, cfg).summary(), "real_answer_share": real_answer_share(
+            model, tokenizer, seen)}
+        best = min(history, key=lambda h: h["tv"])
+        print(f"θ0: best validation exact TV {best['tv']:.3f} at step {best['step']}", flush=True)
+        return {"history": history, "best": best, "train": on_train}
+
+    return fit_theta0(cfg, root, THETA0_FIELDS, fit)
 
 
 # 3–5. runs and scores ------------------------------------------------------------------------------
@@ -226,12 +219,7 @@ def choose_rates(cfg: DistributionConfig, root: Path) -> dict[str, float]:
 
 def run(cfg: DistributionConfig, *,
         command: str = "sparring experiment configs/experiments/distribution.yaml") -> Path:
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    started = time.time()
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = write_data(cfg, root)
-    theta0 = build_theta0(cfg, paths, root)
+    started, root, paths, theta0 = open_experiment(cfg, write_data, build_theta0)
     cfg_dict = asdict(cfg)
     shared = (str(root), {k: str(v) for k, v in paths.items()}, str(theta0), DistributionConfig)
 
@@ -510,14 +498,10 @@ def write_report(cfg: DistributionConfig, root: Path, theta0: Path, chosen: dict
 def plot(cfg: DistributionConfig, frontier: dict, per: dict, chosen: dict, path: Path) -> None:
     """Left: valid mass vs exact TV; right: sampled validity vs coverage. θ0's frontier over T
     (labelled), every arm's iterates at T = 1 (seed mean ± std, joined from θ0 in order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from sparring.evaluation.metrics import seed_spread
+    from sparring.experiments.report import new_figure, save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = new_figure(2, (12, 4.5))
     for ax, (x, y) in zip(axes, (("valid_mass", "tv"), ("validity", "coverage"))):
         points = [(s.summary()[x], s.summary()[y]) for s in frontier.values()]
         ax.plot(*zip(*points), "k-", marker=".", label="θ0 at temperature T")
@@ -539,9 +523,5 @@ def plot(cfg: DistributionConfig, frontier: dict, per: dict, chosen: dict, path:
     axes[0].set_title("exact: closer to the target = lower")
     axes[1].set_title(f"sampled, n = {cfg.samples} per prompt")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Known-distribution ground: test split ({cfg.test} prompts), T = 1 for the arms, "
-                 f"mean ± std over {len(cfg.seeds)} seeds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Known-distribution ground: test split ({cfg.test} prompts), T = 1 for the arms, "
+                           f"mean ± std over {len(cfg.seeds)} seeds")

@@ -45,12 +45,11 @@ from sparring.config import ConfigError, from_dict
 from sparring.experiments.common import (
     TinyGround,
     add_wall_time,
-    built_theta0,
-    new_tiny_model,
+    fit_theta0,
+    open_experiment,
     open_model,
     read_config,
-    save_theta0,
-    theta0_settings,
+    tiny_sft,
 )
 from sparring.experiments.plateau import Job, check, load_set, parallel, run_dir
 from sparring.state import RunDir
@@ -274,36 +273,29 @@ def build_theta0(cfg: LspGroundConfig, paths: dict[str, Path], root: Path) -> Pa
     """SFT from scratch until validation sampled pass@1 ≥ target_pass1 with challenger validity ≥
     min_validity (the first such evaluation's weights), else the best by ``edge_score``."""
     from sparring.evaluation.sampled import score_prompts
-    from sparring.tasks.sft import sft_steps
 
-    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
-    if built_theta0(target, settings):
-        return target
-    tokenizer, model = new_tiny_model(cfg)
-    train, validation = load_set(paths["train"], tokenizer), load_set(paths["validation"], tokenizer)
-    records: list[dict] = []
+    def fit(tokenizer, model) -> dict:
+        train, validation = load_set(paths["train"], tokenizer), load_set(paths["validation"], tokenizer)
+        records: list[dict] = []
 
-    def evaluate(m) -> float:
-        s = score_prompts(m, tokenizer, validation, check, k=cfg.sft_eval_k, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.eval_batch_size)
-        validity = challenger_validity(m, tokenizer, cfg)
-        on_d = min(validity["on_difficulty"].values())
-        record = {"step": (len(records) + 1) * cfg.sft_eval_every, **s.summary(), "validity": on_d,
-                  "pass@1_by_difficulty": by_difficulty(validation, s.per_prompt("pass@1")),
-                  "on_difficulty": validity["on_difficulty"], "parseable": validity["parseable"]}
-        records.append(record)
-        print(f"θ0 step {record['step']}: validation pass@1 {record['pass@1']:.3f}, validity {on_d:.2f}", flush=True)
-        return edge_score(record["pass@1"], on_d, cfg.min_validity)
+        def evaluate(m) -> float:
+            s = score_prompts(m, tokenizer, validation, check, k=cfg.sft_eval_k, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.eval_batch_size)
+            validity = challenger_validity(m, tokenizer, cfg)
+            on_d = min(validity["on_difficulty"].values())
+            record = {"step": (len(records) + 1) * cfg.sft_eval_every, **s.summary(), "validity": on_d,
+                      "pass@1_by_difficulty": by_difficulty(validation, s.per_prompt("pass@1")),
+                      "on_difficulty": validity["on_difficulty"], "parseable": validity["parseable"]}
+            records.append(record)
+            print(f"θ0 step {record['step']}: validation pass@1 {record['pass@1']:.3f}, validity {on_d:.2f}", flush=True)
+            return edge_score(record["pass@1"], on_d, cfg.min_validity)
 
-    start = time.time()
-    history = sft_steps(model, tokenizer, sft_encoded(cfg, tokenizer, train), steps=cfg.sft_max_steps,
-                        lr=cfg.sft_lr, batch_size=cfg.sft_batch_size, seed=cfg.data_seed, evaluate=evaluate,
-                        eval_every=cfg.sft_eval_every, stop_at=cfg.target_pass1)
-    chosen = max(range(len(history)), key=lambda i: (history[i]["score"] >= cfg.target_pass1, history[i]["score"]))
-    if history[chosen]["score"] >= cfg.target_pass1:
-        chosen = next(i for i, h in enumerate(history) if h["score"] >= cfg.target_pass1)
-    return save_theta0(model, tokenizer, target, {
-        "history": records, "chosen": records[chosen], "reached": history[chosen]["score"] >= cfg.target_pass1}, start, settings)
+        history = tiny_sft(cfg, model, tokenizer, sft_encoded(cfg, tokenizer, train), evaluate, stop_at=cfg.target_pass1)
+        reached = [i for i, h in enumerate(history) if h["score"] >= cfg.target_pass1]
+        chosen = reached[0] if reached else max(range(len(history)), key=lambda i: history[i]["score"])
+        return {"history": records, "chosen": records[chosen], "reached": bool(reached)}
+
+    return fit_theta0(cfg, root, THETA0_FIELDS, fit)
 
 
 def probe_judge(cfg: LspGroundConfig, paths: dict[str, Path], theta0: Path, root: Path) -> dict:
@@ -472,12 +464,7 @@ def test_file(root: Path, job: Job, step: int) -> Path:
 
 def run(cfg: LspGroundConfig, *, command: str = "sparring experiment configs/experiments/lsp.yaml") -> Path:
     """Every stage (each skipped when its files exist), then the report section; returns the report."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    started = time.time()
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = write_data(cfg, root)
-    theta0 = build_theta0(cfg, paths, root)
+    started, root, paths, theta0 = open_experiment(cfg, write_data, build_theta0)
     probe = probe_judge(cfg, paths, theta0, root)
     arms = [a for a in cfg.arms if a != "lsp" or probe["parsed_frac"] > 0]  # LSP needs grades that parse
     cfg_dict = asdict(cfg)
@@ -685,21 +672,13 @@ def write_report(cfg: LspGroundConfig, root: Path, theta0: Path, probe: dict, ch
 
 def plot(cfg: LspGroundConfig, base: dict, per: dict, chosen: dict, hists: dict, labels: list[str], path: Path) -> None:
     """Test greedy exact match and sampled pass@1 vs step (mean ± std over seeds), and V(q) histograms."""
-    import matplotlib
+    from sparring.experiments.report import new_figure, over_seeds, save_figure, seed_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sparring.evaluation.metrics import seed_spread
-    from sparring.experiments.report import over_seeds
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = new_figure(3, (15, 4))
     for ax, m in zip(axes, ("exact_match", "pass@1")):
         for a, by_s in per.items():
-            stats = [(base["scores"].summary()[m], 0.0)] + [
-                seed_spread([r["scores"].summary()[m] for r in runs]) for runs in by_s.values()]
-            ax.errorbar([0, *by_s], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                        label=f"{a} (lr {chosen[a]:g})")
+            by_step = {step: [r["scores"].summary()[m] for r in runs] for step, runs in by_s.items()}
+            seed_curve(ax, base["scores"].summary()[m], by_step, f"{a} (lr {chosen[a]:g})")
         ax.set(title=f"test {'greedy exact match' if m == 'exact_match' else 'sampled pass@1'}", xlabel="optimizer step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -709,8 +688,4 @@ def plot(cfg: LspGroundConfig, base: dict, per: dict, chosen: dict, hists: dict,
     axes[2].set(title="V(q) over training (share of queries)", xticks=[x + 0.4 - width / 2 for x in range(len(labels))])
     axes[2].set_xticklabels(labels)
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"LSP at the edge of competence: test split, {over_seeds(cfg.seeds)}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"LSP at the edge of competence: test split, {over_seeds(cfg.seeds)}")

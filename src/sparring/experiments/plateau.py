@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -39,12 +37,11 @@ from sparring.config import ConfigError, from_dict
 from sparring.experiments.common import (
     TinyGround,
     add_wall_time,
-    built_theta0,
-    new_tiny_model,
+    fit_theta0,
+    open_experiment,
     open_model,
     read_config,
-    save_theta0,
-    theta0_settings,
+    tiny_sft,
 )
 
 ARMS = ("sft", "sft_all", "spin", "tspin", "tpaw", "spin_nll")
@@ -136,31 +133,25 @@ def check(example, answer: str) -> bool:
 def build_theta0(cfg: PlateauConfig, paths: dict[str, Path], root: Path) -> Path:
     """SFT from scratch on ``theta0_data``, early-stopped on validation greedy exact match."""
     from sparring.evaluation.sampled import score_prompts
-    from sparring.tasks.sft import sft_steps
 
-    target, settings = root / "theta0", theta0_settings(cfg, THETA0_FIELDS)
-    if built_theta0(target, settings):
-        return target
-    tokenizer, model = new_tiny_model(cfg)
-    subset, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
-    fitted = subset if cfg.theta0_data == "subset" else load_set(paths["pool"], tokenizer)
-    encoded = list(zip(fitted.prompt_ids, fitted.response_ids))
+    def fit(tokenizer, model) -> dict:
+        subset, validation = load_set(paths["subset"], tokenizer), load_set(paths["validation"], tokenizer)
+        fitted = subset if cfg.theta0_data == "subset" else load_set(paths["pool"], tokenizer)
 
-    def val_accuracy(m) -> float:
-        return score_prompts(m, tokenizer, validation, check, k=0, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.eval_batch_size).summary()["exact_match"]
+        def val_accuracy(m) -> float:
+            return score_prompts(m, tokenizer, validation, check, k=0, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.eval_batch_size).summary()["exact_match"]
 
-    start = time.time()
-    history = sft_steps(model, tokenizer, encoded, steps=cfg.sft_max_steps, lr=cfg.sft_lr,
-                        batch_size=cfg.sft_batch_size, seed=cfg.data_seed, evaluate=val_accuracy,
-                        eval_every=cfg.sft_eval_every, patience=cfg.sft_patience)
-    best = max(history, key=lambda h: h["score"])
-    # θ0 must still often be wrong on its own training prompts (sampled), or self-play has nothing to fix.
-    on_train = score_prompts(model, tokenizer, subset, check, k=4, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.eval_batch_size).summary()
-    save_theta0(model, tokenizer, target, {"history": history, "best": best, "train": on_train}, start, settings)
-    print(f"θ0: best validation exact match {best['score']:.3f} at step {best['step']}", flush=True)
-    return target
+        history = tiny_sft(cfg, model, tokenizer, list(zip(fitted.prompt_ids, fitted.response_ids)), val_accuracy,
+                           patience=cfg.sft_patience)
+        best = max(history, key=lambda h: h["score"])
+        # θ0 must still often be wrong on its own training prompts (sampled), or self-play has nothing to fix.
+        on_train = score_prompts(model, tokenizer, subset, check, k=4, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.eval_batch_size).summary()
+        print(f"θ0: best validation exact match {best['score']:.3f} at step {best['step']}", flush=True)
+        return {"history": history, "best": best, "train": on_train}
+
+    return fit_theta0(cfg, root, THETA0_FIELDS, fit)
 
 
 # 3–4. runs -----------------------------------------------------------------------------------------
@@ -326,12 +317,7 @@ def finished(root: Path, job: Job, iterations: int) -> bool:
 
 
 def run(cfg: PlateauConfig, *, command: str = "sparring experiment configs/experiments/plateau.yaml") -> Path:
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    started = time.time()
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = write_data(cfg, root)
-    theta0 = build_theta0(cfg, paths, root)
+    started, root, paths, theta0 = open_experiment(cfg, write_data, build_theta0)
     cfg_dict = asdict(cfg)
     common = (cfg_dict, str(root), {k: str(v) for k, v in paths.items()}, str(theta0))
 

@@ -177,25 +177,42 @@ def write_plateau_report(cfg, root: Path, theta0: Path, chosen: dict, final: lis
 
 
 def plot(cfg, base: PromptScores, per: dict, chosen: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = new_figure(3, (14, 4))
     for ax, m in zip(axes, METRICS):
         for arm, by_t in per.items():
-            xs = [0, *by_t]
-            stats = [(base.summary()[m], 0.0)] + [seed_spread([r.summary()[m] for r in runs]) for runs in by_t.values()]
-            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                        label=f"{arm} (lr {chosen[arm]:g})")
+            by_t_values = {t: [r.summary()[m] for r in runs] for t, runs in by_t.items()}
+            seed_curve(ax, base.summary()[m], by_t_values, f"{arm} (lr {chosen[arm]:g})")
         ax.set_title(NAMES[m])
         ax.set_xlabel("iterate θt")
         ax.set_xticks(range(cfg.iterations + 1))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Limited-data plateau: test split ({cfg.test} prompts), mean ± std over {len(cfg.seeds)} seeds")
+    save_figure(fig, path, f"Limited-data plateau: test split ({cfg.test} prompts), mean ± std over {len(cfg.seeds)} seeds")
+
+
+def new_figure(panels: int, size: tuple[float, float]):
+    """(figure, axes): ``panels`` plots side by side, drawn off-screen (matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, panels, figsize=size)
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """The figure with its ``title``, written to ``path`` (its folder made) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def seed_curve(ax, start: float, by_x: dict[int, list[float]], label: str) -> None:
+    """θ0's ``start`` at x = 0, then at every x of ``by_x`` (x → one value per seed) the mean ± std over
+    seeds, as one line with error bars."""
+    stats = [(start, 0.0)] + [seed_spread(values) for values in by_x.values()]
+    ax.errorbar([0, *by_x], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=label)
