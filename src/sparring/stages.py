@@ -18,9 +18,11 @@ import torch
 from sparring.config import ConfigError, RunConfig
 from sparring.data.dataset import TrainingSet, load_training_set
 from sparring.evaluation import evaluate, load_eval_set
+from sparring.evaluation.report import write_report
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
 from sparring.modeling import (
     add_adapters,
+    check_peft,
     is_peft_model,
     load_model,
     load_tokenizer,
@@ -29,7 +31,7 @@ from sparring.modeling import (
     resolve_dtype,
 )
 from sparring.state import RunDir, RunLocked, atomic_write_json, read_jsonl, write_jsonl
-from sparring.training import MetricsLogger
+from sparring.training import MetricsLogger, train
 
 
 @dataclass
@@ -197,6 +199,39 @@ def cleanup_iteration(s: Session, t: int) -> None:
     shutil.rmtree(s.run_dir.checkpoints(t), ignore_errors=True)
     for chunks in s.run_dir.chunk_folders(t):
         shutil.rmtree(chunks, ignore_errors=True)
+
+
+def run_iterations(cfg: RunConfig, iterations: int, iteration, *, force: bool = False) -> list[dict]:
+    """The outer loop of the iterative methods (SPIN, T-SPIN, TPAW): open the run, evaluate θ0, then
+    for every iteration t not done yet: load θ_t, ``iteration(s, t, icfg, model)`` — generate, score,
+    train — returns (the training result, info for state.json), save θ_{t+1}, evaluate it, mark t done.
+    ``icfg`` is the config with iteration t's ``per_iteration`` values. Returns the run's report rows."""
+    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
+    s = open_session(cfg, force=force)
+    evaluate_stage(s, s.run_dir.INITIAL, path=None)
+    for t in range(iterations):
+        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
+            continue
+        model = load_iterate(s, t)  # θ_t
+        result, info = iteration(s, t, cfg.for_iteration(t), model)
+        finish_iteration(s, t, result, info)
+        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
+        release(s)  # then free accelerate's references, collect, empty the cache
+    return write_report(s.run_dir, cfg, main=s.main)
+
+
+def train_iteration(s: Session, t: int, icfg: RunConfig, model, records: list, *, collate, loss_step):
+    """Iteration t's training of θ from θ_t on ``records`` (``training.loop.train``): resumable in
+    ``run_dir.iteration(t)``, logged with the iteration and the run's global step."""
+    return train(model, records, collate=collate, loss_step=loss_step, cfg=icfg.train, accelerator=s.accelerator,
+                 folder=s.run_dir.iteration(t), logger=s.logger, log_fields={"iteration": t},
+                 global_step_offset=steps_before(s, t), desc=f"iter {t}: train")
+
+
+def inert_rows(records: list) -> dict:
+    """How many rows have y′ = y (their margin terms cancel: no gradient), and their share."""
+    same = sum(r.generated_ids == r.real_ids for r in records)
+    return {"pairs_generated_equals_real": same, "pairs_generated_equals_real_frac": same / len(records)}
 
 
 def steps_before(s: Session, t: int) -> int:

@@ -222,6 +222,16 @@ def _describe_holder(body: str) -> str:
         return "holder details not written yet"
 
 
+class RunFile:
+    """A file or folder at the top of a run directory: ``RunDir(root).name`` is ``root / filename``."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+
+    def __get__(self, run_dir: RunDir | None, owner=None):
+        return self if run_dir is None else run_dir.root / self.filename
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -262,29 +272,12 @@ class RunDir:
         return int(label[4:])
 
     # -- files of the run ---------------------------------------------------------------------
-    @property
-    def state_path(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tb"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results.md"
-
-    @property
-    def plot(self) -> Path:
-        return self.root / "plot.png"
+    state_path = RunFile("state.json")
+    metrics_path = RunFile("metrics.jsonl")
+    config_path = RunFile("config.yaml")
+    tensorboard = RunFile("tb")
+    results = RunFile("results.md")
+    plot = RunFile("plot.png")
 
     def eval_file(self, label: str) -> Path:
         """Held-out scores of the model ``label`` (INITIAL, ``stage_iteration(t)``, ``lsp_step_label(k)``)."""
@@ -346,18 +339,13 @@ class RunDir:
         return sorted(self.iteration(t).glob("*.chunks"))
 
     # -- LSP's run-level files ----------------------------------------------------------------
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples.jsonl"
+    samples = RunFile("samples.jsonl")
 
     def step_model(self, step: int) -> Path:
         """LSP with lsp.keep_models: the policy after ``step``."""
         return self.root / "models" / self.lsp_step_label(step)
 
-    @property
-    def final_model(self) -> Path:
-        """LSP: the policy after the last step."""
-        return self.root / "model"
+    final_model = RunFile("model")  # LSP: the policy after the last step
 
     # -- state.json ---------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any]:

@@ -57,3 +57,12 @@ def kill_when(proc: subprocess.Popen, pattern: str, root: Path, timeout: float =
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"timed out waiting for {pattern}")
+
+
+def install_probe(mp, probe) -> None:
+    """Wrap the stages' ``load_model``, ``generate`` and ``train`` with a test probe's recorders of the
+    same names (``probe.load_model(real)`` returns the wrapper), for one in-process run under ``mp``."""
+    import sparring.stages
+
+    for name in ("load_model", "generate", "train"):
+        mp.setattr(sparring.stages, name, getattr(probe, name)(getattr(sparring.stages, name)))

@@ -20,10 +20,9 @@ from tests.integration.helpers import assert_same_weights
 from sparring import algorithms, stages
 from sparring.cli import main
 from sparring.config import RunConfig
-from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput
-from sparring.training import score_sequences, train
+from sparring.training import score_sequences
 
 # -- the method: what a fifth method's file under algorithms/ would hold ----------------------------
 READS = ("output_dir", "model", "data", "generation", "train", "eval", "spin.scale")
@@ -55,26 +54,25 @@ def dpo_step(model, batch: DpoBatch, *, beta: float) -> LossOutput:
     return LossOutput(-F.logsigmoid(beta * margin), {"rewards/margins": (beta * margin).detach().mean()})
 
 
+def iteration(s: stages.Session, t: int, cfg: RunConfig, model):
+    """One DPO round from ``model`` = θ0: π_ref (frozen by the precompute), sampler and starting point."""
+    samples = stages.generate(s, model, t, "generated", cfg)  # 1. y′ ~ π_ref
+    rejected = [stages.response_ids(s, i, y, cfg.data.max_length) for i, y in enumerate(samples)]
+    prompts, chosen = s.data.prompt_ids, s.data.real_ids
+    ref = score_sequences(  # 2. log π_ref of y and y′, once
+        model, list(zip(prompts, chosen)) + list(zip(prompts, rejected)), pad_id=s.tokenizer.pad_token_id,
+        batch_size=cfg.train.logprob_batch_size, folder=s.run_dir.opponent_logp_chunks(t),
+        accelerator=s.accelerator, settings=stages.logp_settings(s, t, cfg))
+    n = len(prompts)
+    records = [DpoRecord(prompts[i], chosen[i], rejected[i], ref[i], ref[n + i]) for i in range(n)]
+    result = stages.train_iteration(  # 3. the DPO loss on the shared loop
+        s, t, cfg, model, records, collate=partial(collate_dpo, pad_id=s.tokenizer.pad_token_id),
+        loss_step=partial(dpo_step, beta=cfg.spin.scale))
+    return result, {"pairs": n}
+
+
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
-    s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
-    if not s.run_dir.is_done(s.run_dir.stage_iteration(0)):
-        model = stages.load_iterate(s, 0)  # π_ref = θ0, frozen by the precompute; θ starts there
-        samples = stages.generate(s, model, 0, "generated", cfg)  # 1. y′ ~ π_ref
-        rejected = [stages.response_ids(s, i, y, cfg.data.max_length) for i, y in enumerate(samples)]
-        prompts, chosen = s.data.prompt_ids, s.data.real_ids
-        ref = score_sequences(  # 2. log π_ref of y and y′, once
-            model, list(zip(prompts, chosen)) + list(zip(prompts, rejected)), pad_id=s.tokenizer.pad_token_id,
-            batch_size=cfg.train.logprob_batch_size, folder=s.run_dir.opponent_logp_chunks(0),
-            accelerator=s.accelerator, settings=stages.logp_settings(s, 0, cfg))
-        n = len(prompts)
-        records = [DpoRecord(prompts[i], chosen[i], rejected[i], ref[i], ref[n + i]) for i in range(n)]
-        result = train(  # 3. the DPO loss on the shared loop
-            model, records, collate=partial(collate_dpo, pad_id=s.tokenizer.pad_token_id),
-            loss_step=partial(dpo_step, beta=cfg.spin.scale), cfg=cfg.train, accelerator=s.accelerator,
-            folder=s.run_dir.iteration(0), logger=s.logger, log_fields={"iteration": 0})
-        stages.finish_iteration(s, 0, result, {"pairs": n})
-    return write_report(s.run_dir, cfg, main=s.main)
+    return stages.run_iterations(cfg, 1, iteration, force=force)  # θ0 evaluated, θ1 saved and evaluated
 
 
 # -- the test -----------------------------------------------------------------------------------

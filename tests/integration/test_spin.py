@@ -149,11 +149,11 @@ def test_status_and_report_commands(finished_run: Path, capsys):
 @pytest.mark.parametrize("policy", ["keep", "drop"])
 def test_y_prime_trains_on_the_sampled_ids_and_a_truncated_one_gets_no_end_of_turn(tiny_ground, tmp_path, policy,
                                                                                    monkeypatch):
-    import sparring.algorithms.spin as spin
+    import sparring.stages as stages
     from sparring.training import train
 
     seen = []  # the records SPIN trains on
-    monkeypatch.setattr(spin, "train", lambda model, records, **kw: seen.append(records) or train(model, records, **kw))
+    monkeypatch.setattr(stages, "train", lambda model, records, **kw: seen.append(records) or train(model, records, **kw))
     out = tmp_path / "run"
     args = ["run", CONFIG, *tiny_overrides(tiny_ground, out), "data.num_prompts=24", "spin.iterations=1",
             "eval.num_examples=4", "generation.max_new_tokens=6", f"generation.on_truncated={policy}"]

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.helpers import assert_same_weights, kill_when, rows, sha, spawn
+from tests.integration.helpers import assert_same_weights, install_probe, kill_when, rows, sha, spawn
 
-import sparring.stages
-from sparring.algorithms import tpaw
 from sparring.cli import main
 
 pytestmark = pytest.mark.slow
@@ -71,9 +69,7 @@ def probed_run(tiny_ground, tmp_path_factory) -> tuple[Path, Probe]:
     probe = Probe(out)
     gc.collect()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sparring.stages, "load_model", probe.load_model(sparring.stages.load_model))
-        mp.setattr(sparring.stages, "generate", probe.generate(sparring.stages.generate))
-        mp.setattr(tpaw, "train", probe.train(tpaw.train))
+        install_probe(mp, probe)
         assert main(["run", CONFIG, *tiny_overrides(tiny_ground, out), *SMALL]) == 0
     return out, probe
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.helpers import assert_same_weights, kill_when, rows, sha, spawn
+from tests.integration.helpers import assert_same_weights, install_probe, kill_when, rows, sha, spawn
 
 import sparring.stages
 import sparring.training
 import sparring.training.precompute
-from sparring.algorithms import tspin
 from sparring.cli import main
 
 pytestmark = pytest.mark.slow
@@ -74,9 +73,7 @@ def probed_run(tiny_ground, tmp_path_factory) -> tuple[Path, Probe]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sparring.training, "score_sequences", _no_reference_pass)
         mp.setattr(sparring.training.precompute, "score_sequences", _no_reference_pass)
-        mp.setattr(sparring.stages, "load_model", probe.load_model(sparring.stages.load_model))
-        mp.setattr(sparring.stages, "generate", probe.generate(sparring.stages.generate))
-        mp.setattr(tspin, "train", probe.train(tspin.train))
+        install_probe(mp, probe)
         assert main(["run", CONFIG, *tiny_overrides(tiny_ground, out), *SMALL]) == 0
     return out, probe
 

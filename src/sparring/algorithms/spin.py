@@ -24,12 +24,10 @@ import torch
 from sparring import stages
 from sparring.config import RunConfig
 from sparring.data import encode
-from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
 from sparring.losses import LossOutput, spin_loss
-from sparring.modeling import check_peft
 from sparring.state import write_jsonl
-from sparring.training import score_sequences, train
+from sparring.training import score_sequences
 
 READS = ("data", "generation", "train", "spin", "per_iteration")  # + config.COMMON_FIELDS
 
@@ -88,62 +86,47 @@ def opponent_set(s: stages.Session, t: int, cfg: RunConfig) -> list[dict]:
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
-    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
-    s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
-    for t in range(cfg.spin.iterations):
-        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
-            continue
-        icfg = cfg.for_iteration(t)
-        model = stages.load_iterate(s, t)  # θ_t: opponent, reference and starting point
+    return stages.run_iterations(cfg, cfg.spin.iterations, iteration, force=force)
 
-        # 1. generate y′ ~ π_θt (skipped when iteration 0 reuses the data's y′)
-        if not uses_dataset_generated(s, t, icfg):
-            stages.generate(s, model, t, "generated", icfg)
 
-        # 2. pairs (x, y, y′), this iteration's and the mixed-in earlier ones
-        pairs = build_pairs(s, t, icfg)
-        tok, max_len = s.tokenizer, icfg.data.max_length
-        gen_ids = [stages.response_ids(s, i, y, max_len) for i, y in pairs]
-        if not pairs:
-            raise RuntimeError(f"iteration {t}: every y′ was truncated and generation.on_truncated=drop left no pairs")
+def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
+    """SPIN iteration t (Algorithm 1) from θ_t (``model``: opponent, reference and starting point);
+    returns the training result and the iteration's info."""
+    # 1. generate y′ ~ π_θt (skipped when iteration 0 reuses the data's y′)
+    if not uses_dataset_generated(s, t, icfg):
+        stages.generate(s, model, t, "generated", icfg)
 
-        # 3. opponent log-probs under θ_t, once: every real response once, every y′ once
-        n = len(s.data.examples)
-        items = list(zip(s.data.prompt_ids, s.data.real_ids)) + [
-            (s.data.prompt_ids[i], g) for (i, _), g in zip(pairs, gen_ids)
-        ]
-        logps = score_sequences(
-            model, items, pad_id=tok.pad_token_id, batch_size=icfg.train.logprob_batch_size,
-            folder=s.run_dir.opponent_logp_chunks(t), accelerator=s.accelerator,
-            desc=f"iter {t}: opponent log-probs", settings=stages.logp_settings(s, t, icfg),
-        )
-        records = [
-            PairRecord(s.data.prompt_ids[i], s.data.real_ids[i], g, logps[i], logps[n + j])
-            for j, ((i, _), g) in enumerate(zip(pairs, gen_ids))
-        ]
-        if s.main and not s.run_dir.pairs(t).exists():
-            write_jsonl(s.run_dir.pairs(t), [
-                {"example": i, "generated": y["text"], "finished": y["finished"], "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
-                for (i, y), r in zip(pairs, records)
-            ])
+    # 2. pairs (x, y, y′), this iteration's and the mixed-in earlier ones
+    pairs = build_pairs(s, t, icfg)
+    tok, max_len = s.tokenizer, icfg.data.max_length
+    gen_ids = [stages.response_ids(s, i, y, max_len) for i, y in pairs]
+    if not pairs:
+        raise RuntimeError(f"iteration {t}: every y′ was truncated and generation.on_truncated=drop left no pairs")
 
-        # 4. train θ from θ_t on the SPIN loss
-        result = train(
-            model, records,
-            collate=partial(collate_pairs, pad_id=tok.pad_token_id),
-            loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss, nll_coef=icfg.spin.nll_coef),
-            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
-            desc=f"iter {t}: train",
-        )
+    # 3. opponent log-probs under θ_t, once: every real response once, every y′ once
+    n = len(s.data.examples)
+    items = list(zip(s.data.prompt_ids, s.data.real_ids)) + [
+        (s.data.prompt_ids[i], g) for (i, _), g in zip(pairs, gen_ids)
+    ]
+    logps = score_sequences(
+        model, items, pad_id=tok.pad_token_id, batch_size=icfg.train.logprob_batch_size,
+        folder=s.run_dir.opponent_logp_chunks(t), accelerator=s.accelerator,
+        desc=f"iter {t}: opponent log-probs", settings=stages.logp_settings(s, t, icfg),
+    )
+    records = [
+        PairRecord(s.data.prompt_ids[i], s.data.real_ids[i], g, logps[i], logps[n + j])
+        for j, ((i, _), g) in enumerate(zip(pairs, gen_ids))
+    ]
+    if s.main and not s.run_dir.pairs(t).exists():
+        write_jsonl(s.run_dir.pairs(t), [
+            {"example": i, "generated": y["text"], "finished": y["finished"], "opponent_real": r.opponent_real, "opponent_generated": r.opponent_generated}
+            for (i, y), r in zip(pairs, records)
+        ])
 
-        # 5. save θ_{t+1}, evaluate, mark done
-        # y′ = y pairs carry no gradient (their margin terms cancel): how much of the data is inert.
-        same = sum(r.generated_ids == r.real_ids for r in records)
-        stages.finish_iteration(s, t, result, {"pairs": len(records), "pairs_generated_equals_real": same,
-                                              "pairs_generated_equals_real_frac": same / len(records)})
-        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
-        stages.release(s)
-    return write_report(s.run_dir, cfg, main=s.main)
+    # 4. train θ from θ_t on the SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
+    result = stages.train_iteration(
+        s, t, icfg, model, records, collate=partial(collate_pairs, pad_id=tok.pad_token_id),
+        loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss, nll_coef=icfg.spin.nll_coef),
+    )
+    return result, {"pairs": len(records), **stages.inert_rows(records)}
 

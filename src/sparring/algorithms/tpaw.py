@@ -36,12 +36,10 @@ import torch
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
 from sparring.losses import LossOutput, add_real_nll, tpaw_loss
-from sparring.modeling import check_peft
 from sparring.state import atomic_write_json, check_cache_key
-from sparring.training import score_sequences, train
+from sparring.training import score_sequences
 from sparring.training.precompute import logp_cache_key
 
 READS = ("data", "generation", "train", "tpaw", "per_iteration")  # + config.COMMON_FIELDS
@@ -150,56 +148,42 @@ def build_rows(s: stages.Session, members: list[int], gen_ids: dict[int, list[li
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     if cfg.tpaw.max_team_size < 1:
         raise ValueError(f"tpaw.max_team_size must be >= 1, got {cfg.tpaw.max_team_size}")
-    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
-    s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
-    for t in range(cfg.tpaw.iterations):
-        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
-            continue
-        icfg = cfg.for_iteration(t)
-        members = team(t, icfg.tpaw.max_team_size)  # [t, t−1, t−2]: θ_t is column 0
-        model = stages.load_iterate(s, t)  # θ_t: newest player, sampler and starting point
+    return stages.run_iterations(cfg, cfg.tpaw.iterations, iteration, force=force)
 
-        # 1. generate D_t with θ_t; reuse D_{t−1}, D_{t−2}
-        samples = {t: stages.generate(s, model, t, "generated", icfg)} | {k: stages.generated_set(s, k) for k in members[1:]}
 
-        # 2. D_O's rows: the ids each player sampled (rows with a truncated y′ out if on_truncated=drop)
-        tok, max_len = s.tokenizer, icfg.data.max_length
-        gen_ids = {k: [stages.response_ids(s, i, y, max_len) for i, y in enumerate(samples[k])] for k in members}
-        keep = {k: [stages.kept([y], icfg) for y in samples[k]] for k in members}
+def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
+    """TPAW round t from θ_t (``model``: newest player, sampler and starting point); returns the
+    training result and the round's info."""
+    members = team(t, icfg.tpaw.max_team_size)  # [t, t−1, t−2]: θ_t is column 0
 
-        # 3. team log-probs: θ_t (the policy, untrained) first, then each older checkpoint in turn
-        scores = {j: team_logps(s, model, t, j, gen_ids, icfg) for j in members}
-        records = build_rows(s, members, gen_ids, scores, keep)
-        if not records:
-            raise RuntimeError(f"round {t}: generation.on_truncated=drop left no rows")
-        if s.main:
-            atomic_write_json(s.run_dir.team(t), {
-                "players": members, "sets": members, "rows": len(records),
-                "every_player_scores_every_row": icfg.tpaw.every_player_scores_every_row,
-                "logprob_reduction": icfg.tpaw.logprob_reduction,
-            })
+    # 1. generate D_t with θ_t; reuse D_{t−1}, D_{t−2}
+    samples = {t: stages.generate(s, model, t, "generated", icfg)} | {k: stages.generated_set(s, k) for k in members[1:]}
 
-        # 4. train θ from θ_t on the TPAW loss
-        result = train(
-            model, records,
-            collate=partial(collate_team, pad_id=tok.pad_token_id),
-            loss_step=partial(
-                tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
-                eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,
-                detach_player_weights=icfg.tpaw.detach_player_weights, nll_coef=icfg.tpaw.nll_coef,
-            ),
-            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
-            desc=f"iter {t}: train",
-        )
+    # 2. D_O's rows: the ids each player sampled (rows with a truncated y′ out if on_truncated=drop)
+    tok, max_len = s.tokenizer, icfg.data.max_length
+    gen_ids = {k: [stages.response_ids(s, i, y, max_len) for i, y in enumerate(samples[k])] for k in members}
+    keep = {k: [stages.kept([y], icfg) for y in samples[k]] for k in members}
 
-        # 5. save θ_{t+1}, evaluate, mark done
-        same = sum(r.generated_ids == r.real_ids for r in records)  # y′ = y rows carry no gradient
-        stages.finish_iteration(s, t, result, {"rows": len(records), "team": members,
-                                              "pairs_generated_equals_real": same,
-                                              "pairs_generated_equals_real_frac": same / len(records)})
-        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
-        stages.release(s)  # then free accelerate's references, collect, empty the cache
-    return write_report(s.run_dir, cfg, main=s.main)
+    # 3. team log-probs: θ_t (the policy, untrained) first, then each older checkpoint in turn
+    scores = {j: team_logps(s, model, t, j, gen_ids, icfg) for j in members}
+    records = build_rows(s, members, gen_ids, scores, keep)
+    if not records:
+        raise RuntimeError(f"round {t}: generation.on_truncated=drop left no rows")
+    if s.main:
+        atomic_write_json(s.run_dir.team(t), {
+            "players": members, "sets": members, "rows": len(records),
+            "every_player_scores_every_row": icfg.tpaw.every_player_scores_every_row,
+            "logprob_reduction": icfg.tpaw.logprob_reduction,
+        })
+
+    # 4. train θ from θ_t on the TPAW loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
+    result = stages.train_iteration(
+        s, t, icfg, model, records, collate=partial(collate_team, pad_id=tok.pad_token_id),
+        loss_step=partial(
+            tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
+            eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,
+            detach_player_weights=icfg.tpaw.detach_player_weights, nll_coef=icfg.tpaw.nll_coef,
+        ),
+    )
+    return result, {"rows": len(records), "team": members, **stages.inert_rows(records)}  # y′ = y: no gradient
 

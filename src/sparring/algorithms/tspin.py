@@ -27,12 +27,9 @@ from typing import NamedTuple
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.evaluation.report import write_report
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput, tspin_loss
-from sparring.modeling import check_peft
 from sparring.state import atomic_write_json, write_jsonl
-from sparring.training import train
 
 PROTO = "proto"  # iter_000/proto.jsonl: y₀ ~ π_θ0, drawn once
 
@@ -93,55 +90,41 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     betas = [history_weight(cfg.for_iteration(t), t) for t in range(cfg.tspin.iterations)]
     if min(betas) < 0:
         raise ValueError(f"tspin.history_weight must be >= 0, got {betas}")
-    check_peft(cfg.peft)  # e.g. QLoRA on a CPU: refused before anything runs
-    s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
-    for t in range(cfg.tspin.iterations):
-        if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
-            continue
-        icfg = cfg.for_iteration(t)
-        model = stages.load_iterate(s, t)  # θ_t: sampler of y′ and starting point (not a reference)
+    return stages.run_iterations(cfg, cfg.tspin.iterations, partial(iteration, betas=betas), force=force)
 
-        # 1. generate y₀ ~ π_θ0 (iteration 0 only) and y′ ~ π_θt
-        protos = proto_set(s, model, t, icfg)
-        generated = stages.generate(s, model, t, "generated", icfg)
 
-        # 2. triplets (x, y, y′, y₀), the sampled ids as drawn (with on_truncated=drop, whole rows out)
-        tok, max_len = s.tokenizer, icfg.data.max_length
-        rows = [i for i in range(len(s.data.examples)) if stages.kept([generated[i], protos[i]], icfg)]
-        if not rows:
-            raise RuntimeError(f"iteration {t}: generation.on_truncated=drop left no triplets")
-        records = [
-            TripletRecord(
-                s.data.prompt_ids[i], s.data.real_ids[i],
-                stages.response_ids(s, i, generated[i], max_len), stages.response_ids(s, i, protos[i], max_len),
-            )
-            for i in rows
-        ]
-        beta = betas[t]
-        if s.main and not s.run_dir.triplets(t).exists():
-            write_jsonl(s.run_dir.triplets(t), [
-                {"example": i, "generated": generated[i]["text"], "proto": protos[i]["text"], "history_weight": beta}
-                for i in rows
-            ])
+def iteration(s: stages.Session, t: int, icfg: RunConfig, model, *, betas: list[float]):
+    """T-SPIN iteration t from θ_t (``model``: sampler of y′ and starting point, not a reference) with
+    history weight β_t = ``betas[t]``; returns the training result and the iteration's info."""
+    # 1. generate y₀ ~ π_θ0 (iteration 0 only) and y′ ~ π_θt
+    protos = proto_set(s, model, t, icfg)
+    generated = stages.generate(s, model, t, "generated", icfg)
 
-        # 3. (no precompute: T-SPIN has no opponent or reference log-probs)
-        # 4. train θ from θ_t on the T-SPIN loss
-        result = train(
-            model, records,
-            collate=partial(collate_triplets, pad_id=tok.pad_token_id),
-            loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
-            cfg=icfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(t),
-            logger=s.logger, log_fields={"iteration": t}, global_step_offset=stages.steps_before(s, t),
-            desc=f"iter {t}: train",
+    # 2. triplets (x, y, y′, y₀), the sampled ids as drawn (with on_truncated=drop, whole rows out)
+    tok, max_len = s.tokenizer, icfg.data.max_length
+    rows = [i for i in range(len(s.data.examples)) if stages.kept([generated[i], protos[i]], icfg)]
+    if not rows:
+        raise RuntimeError(f"iteration {t}: generation.on_truncated=drop left no triplets")
+    records = [
+        TripletRecord(
+            s.data.prompt_ids[i], s.data.real_ids[i],
+            stages.response_ids(s, i, generated[i], max_len), stages.response_ids(s, i, protos[i], max_len),
         )
+        for i in rows
+    ]
+    beta = betas[t]
+    if s.main and not s.run_dir.triplets(t).exists():
+        write_jsonl(s.run_dir.triplets(t), [
+            {"example": i, "generated": generated[i]["text"], "proto": protos[i]["text"], "history_weight": beta}
+            for i in rows
+        ])
 
-        # 5. save θ_{t+1}, evaluate, mark done
-        same = sum(r.generated_ids == r.real_ids for r in records)  # y′ = y: the first margin carries no gradient
-        stages.finish_iteration(s, t, result, {"triplets": len(records), "history_weight": beta,
-                                              "pairs_generated_equals_real": same,
-                                              "pairs_generated_equals_real_frac": same / len(records)})
-        del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
-        stages.release(s)  # then free accelerate's references, collect, empty the cache
-    return write_report(s.run_dir, cfg, main=s.main)
+    # 3. (no precompute: T-SPIN has no opponent or reference log-probs)
+    # 4. train θ from θ_t on the T-SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
+    result = stages.train_iteration(
+        s, t, icfg, model, records, collate=partial(collate_triplets, pad_id=tok.pad_token_id),
+        loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
+    )
+    # y′ = y: the first margin carries no gradient
+    return result, {"triplets": len(records), "history_weight": beta, **stages.inert_rows(records)}
 
