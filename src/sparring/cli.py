@@ -107,7 +107,7 @@ def _report(run_dir: Path) -> int:
     from sparring.state import RunDir
 
     rd = RunDir(run_dir)
-    write_report(rd, load_config(rd.config_path))
+    write_report(rd, load_config(rd.config_path, check_reads=False))  # as the run wrote it
     return 0
 
 

@@ -549,8 +549,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (or the embedded quickstart config when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, check_reads: bool = True) -> RunConfig:
+    """Read a YAML file (or the embedded quickstart config when ``path`` is None) and apply overrides.
+
+    ``check_reads=False`` skips the check that the method reads every field set: for a run directory's
+    own config.yaml, which earlier versions wrote with every section."""
     if path is None:
         from importlib.resources import files
 
@@ -574,7 +577,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         _set_dotted(full, key, value)
         given += _override_fields(key, value)
     cfg = from_dict(RunConfig, full)
-    validate(cfg, set_fields=dict.fromkeys(given))
+    validate(cfg, set_fields=dict.fromkeys(given) if check_reads else None)
     return cfg
 
 

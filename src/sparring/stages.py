@@ -220,12 +220,13 @@ def run_iterations(cfg: RunConfig, iterations: int, iteration, *, force: bool = 
     return write_report(s.run_dir, cfg, main=s.main)
 
 
-def train_iteration(s: Session, t: int, icfg: RunConfig, model, records: list, *, collate, loss_step):
-    """Iteration t's training of θ from θ_t on ``records`` (``training.loop.train``): resumable in
-    ``run_dir.iteration(t)``, logged with the iteration and the run's global step."""
+def train_iteration(s: Session, t: int, icfg: RunConfig, model, records: list, *, collate, loss_step, weight=None,
+                    desc: str | None = None):
+    """Iteration t's training of θ from θ_t on ``records`` (``training.loop.train``, ``weight`` per record
+    as there): resumable in ``run_dir.iteration(t)``, logged with the iteration and the run's global step."""
     return train(model, records, collate=collate, loss_step=loss_step, cfg=icfg.train, accelerator=s.accelerator,
                  folder=s.run_dir.iteration(t), logger=s.logger, log_fields={"iteration": t},
-                 global_step_offset=steps_before(s, t), desc=f"iter {t}: train")
+                 global_step_offset=steps_before(s, t), desc=desc or f"iter {t}: train", weight=weight)
 
 
 def inert_rows(records: list) -> dict:

@@ -15,6 +15,7 @@ def spin_run(tmp_path) -> tuple[RunDir, RunConfig]:
     rd, cfg = RunDir(tmp_path / "spin"), RunConfig(method="spin", model=ModelConfig(name_or_path="m"),
                                                    data=DataConfig(source="train.jsonl"))
     cfg.spin.iterations = 2
+    cfg.eval.source, cfg.eval.verifier = "heldout.jsonl", "proving_ground"  # its metric: exact_match
     rd.root.mkdir()
     rd.config_path.write_text(dump_yaml(cfg))
     atomic_write_json(rd.eval_file(rd.INITIAL), {"exact_match": 0.5, "logps_real_per_token": -1.25})
@@ -33,6 +34,7 @@ def spin_run(tmp_path) -> tuple[RunDir, RunConfig]:
 
 def lsp_run(tmp_path) -> tuple[RunDir, RunConfig]:
     rd, cfg = RunDir(tmp_path / "lsp"), RunConfig(method="lsp", model=ModelConfig(name_or_path="m"))
+    cfg.eval.source, cfg.eval.verifier = "heldout.jsonl", "proving_ground"
     rd.root.mkdir()
     rd.config_path.write_text(dump_yaml(cfg))
     for step, em in [(0, 0.25), (2, 0.5)]:
@@ -66,7 +68,7 @@ def test_spin_report_table_plot_and_samples(tmp_path, capsys):
 def test_lsp_report_table_plot_and_samples(tmp_path):
     rd, cfg = lsp_run(tmp_path)
     rows = write_report(rd, cfg)
-    assert [(r["step"], r["reward"]) for r in rows] == [(0, None), (2, 0.30000000000000004)]
+    assert [(r["step"], r["train_reward"]) for r in rows] == [(0, None), (2, 0.30000000000000004)]
     text = rd.results.read_text()
     assert "| step | held-out exact match | real log-prob/token | mean task reward since last eval |" in text
     assert "| 0 | 0.250 | -2.0000 | – |" in text and "| 2 | 0.500 | -2.0000 | 0.300 |" in text
@@ -88,6 +90,33 @@ def test_report_command_writes_the_same_report_for_each_method(tmp_path, capsys)
         assert main(["report", str(rd.root)]) == 0
         assert rd.results.read_text() == written and rd.plot.exists()
     assert "| 2 | 0.500 |" in capsys.readouterr().out
+
+
+def test_the_table_shows_a_user_verifiers_held_out_reward_and_none_without_a_verifier(tmp_path):
+    for k, (verifier, header) in enumerate([("mypkg.rewards:judge", "| model | held-out reward | real log-prob/token |"),
+                                            (None, "| model | real log-prob/token |")]):
+        (tmp_path / str(k)).mkdir()
+        rd, cfg = spin_run(tmp_path / str(k))
+        cfg.eval.verifier = verifier
+        for label, reward in [(rd.INITIAL, 0.25), (rd.stage_iteration(0), 0.625)]:
+            atomic_write_json(rd.eval_file(label), {"reward": reward, "logps_real_per_token": -1.0}
+                              if verifier else {"logps_real_per_token": -1.0})
+        write_report(rd, cfg)
+        text = rd.results.read_text()
+        assert header in text
+        assert ("| θ1 (after iteration 0) | 0.625 | -1.0000 |" in text) == bool(verifier)
+
+
+def test_report_command_reads_a_config_yaml_with_every_section(tmp_path):
+    import yaml
+
+    from sparring.config import to_dict
+
+    rd, cfg = spin_run(tmp_path)  # config.yaml as earlier versions wrote it: every method's section
+    rd.config_path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert "lsp" in yaml.safe_load(rd.config_path.read_text())
+    assert main(["report", str(rd.root)]) == 0
+    assert "| θ1 (after iteration 0) | 0.750 |" in rd.results.read_text()
 
 
 def test_a_run_without_samples_has_no_samples_section(tmp_path):

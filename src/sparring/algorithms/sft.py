@@ -16,18 +16,17 @@ One iteration on the shared epoch loop, starting from ``model.name_or_path`` (θ
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import partial
 from typing import NamedTuple
 
 from sparring import stages
-from sparring.config import RunConfig
-from sparring.evaluation.report import write_report
+from sparring.config import RunConfig, TrainConfig
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput
-from sparring.modeling import check_peft
-from sparring.training import train
 
-READS = ("data", "train")  # + config.COMMON_FIELDS
+# + config.COMMON_FIELDS; every train field but logprob_batch_size (SFT has no log-prob pass).
+READS = ("data", *(f"train.{f.name}" for f in fields(TrainConfig) if f.name != "logprob_batch_size"))
 
 
 class SftRecord(NamedTuple):
@@ -46,18 +45,12 @@ def sft_step(model, batch: Sequences) -> LossOutput:
 
 
 def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
-    check_peft(cfg.peft)
-    s = stages.open_session(cfg, force=force)
-    stages.evaluate_stage(s, s.run_dir.INITIAL, path=None)
-    if not s.run_dir.is_done(s.run_dir.stage_iteration(0)):
-        model = stages.load_iterate(s, 0)  # θ_0 (with fresh adapters under peft:)
-        records = [SftRecord(p, r) for p, r in zip(s.data.prompt_ids, s.data.real_ids)]
-        result = train(
-            model, records, collate=partial(collate_sft, pad_id=s.tokenizer.pad_token_id), loss_step=sft_step,
-            cfg=cfg.train, accelerator=s.accelerator, folder=s.run_dir.iteration(0), logger=s.logger,
-            log_fields={"iteration": 0}, desc="sft", weight=lambda r: len(r.response_ids),
-        )
-        stages.finish_iteration(s, 0, result, {"examples": len(records)})
-        del model, result
-        stages.release(s)
-    return write_report(s.run_dir, cfg, main=s.main)
+    return stages.run_iterations(cfg, 1, iteration, force=force)
+
+
+def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
+    """θ_1 from θ_0 (``model``, with fresh adapters under peft:) on the data's (prompt, real response) rows."""
+    records = [SftRecord(p, r) for p, r in zip(s.data.prompt_ids, s.data.real_ids)]
+    result = stages.train_iteration(s, t, icfg, model, records, collate=partial(collate_sft, pad_id=s.tokenizer.pad_token_id),
+                                    loss_step=sft_step, weight=lambda r: len(r.response_ids), desc="sft")
+    return result, {"examples": len(records)}

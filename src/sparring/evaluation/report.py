@@ -21,20 +21,28 @@ from sparring.state import RunDir, atomic_write_text, read_jsonl
 SAMPLES = 3  # rows shown in the samples section
 TEXT_CHARS = 200  # each shown text is cut to this many characters
 
-# (row key, column header, format); a column no row has is left out
+# (row key, column header, format); a column no row has is left out. ``columns`` puts the held-out
+# verifier's metric (``exact_match`` for the proving ground, ``reward`` for a user function) after the model.
 SPIN_COLUMNS = [
     ("model", "model", "{}"),
-    ("exact_match", "held-out exact match", "{:.3f}"),
     ("logps_real_per_token", "real log-prob/token", "{:.4f}"),
     ("rewards/margins", "train margin (last epoch)", "{:.4f}"),
     ("rewards/accuracies", "train reward acc.", "{:.3f}"),
 ]
 LSP_COLUMNS = [
     ("step", "step", "{}"),
-    ("exact_match", "held-out exact match", "{:.3f}"),
     ("logps_real_per_token", "real log-prob/token", "{:.4f}"),
-    ("reward", "mean task reward since last eval", "{:.3f}"),
+    ("train_reward", "mean task reward since last eval", "{:.3f}"),
 ]
+
+
+def columns(base: list[tuple[str, str, str]], metric: str | None) -> list[tuple[str, str, str]]:
+    """``base`` with the held-out verifier's ``metric`` (if any) as the second column."""
+    return base[:1] + ([(metric, held_out_label(metric), "{:.3f}")] if metric else []) + base[1:]
+
+
+def held_out_label(metric: str) -> str:
+    return f"held-out {metric.replace('_', ' ')}"
 
 
 def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[dict]:
@@ -44,11 +52,14 @@ def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[
     iterations = getattr(getattr(cfg, cfg.method, None), "iterations", 1)
     rows = lsp_rows(run_dir) if lsp else collect(run_dir, iterations)
     if main:
-        text = table(rows, LSP_COLUMNS if lsp else SPIN_COLUMNS)
+        from sparring.rewards.registry import metric_of
+
+        metric = metric_of(cfg.eval.verifier)
+        text = table(rows, columns(LSP_COLUMNS if lsp else SPIN_COLUMNS, metric))
         samples = lsp_samples(run_dir) if lsp else pair_samples(run_dir, iterations)
         atomic_write_text(run_dir.results, text + "\n" + (f"\n{samples}\n" if samples else ""))
         title = f"LSP ({cfg.lsp.variant})" if lsp else (f"{cfg.method} on {Path(cfg.data.source).name}" if cfg.data.source else cfg.method)
-        plot(rows, run_dir.plot, title=title, lsp=lsp)
+        plot(rows, run_dir.plot, title=title, lsp=lsp, metric=metric)
         print(text)
         print(f"plot: {run_dir.plot}")
     return rows
@@ -83,7 +94,7 @@ def lsp_rows(run_dir: RunDir) -> list[dict]:
     for step, path in run_dir.eval_steps():
         e = json.loads(path.read_text())
         window = [r["lsp/reward"] for r in train if previous < r["step"] <= step]
-        rows.append({**e, "step": step, "reward": sum(window) / len(window) if window else None})
+        rows.append({**e, "step": step, "train_reward": sum(window) / len(window) if window else None})
         previous = step
     return rows
 
@@ -148,8 +159,9 @@ def _short(text: str) -> str:
 
 
 # -- plot -------------------------------------------------------------------------------------------
-def plot(rows: list[dict], path: Path, title: str = "", *, lsp: bool = False) -> None:
-    """Held-out accuracy (or real log-prob per token) and the training signal against θ_t or the LSP step."""
+def plot(rows: list[dict], path: Path, title: str = "", *, lsp: bool = False, metric: str | None = "exact_match") -> None:
+    """The held-out verifier's ``metric`` (or, without one, the real log-prob per token) and the training
+    signal against θ_t or the LSP step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,16 +169,16 @@ def plot(rows: list[dict], path: Path, title: str = "", *, lsp: bool = False) ->
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if lsp:
-        xs, signal = [r["step"] for r in rows], "reward"
+        xs, signal = [r["step"] for r in rows], "train_reward"
         xlabels = ("LSP step", "LSP step")
         signal_label = "mean task reward R since the previous evaluation"
     else:
         xs, signal = [0 if r["iteration"] is None else r["iteration"] + 1 for r in rows], "rewards/margins"
         xlabels = ("model θ_t (0 = initial)", "model θ_t (trained in iteration t−1)")
         signal_label = "train reward margin (last epoch mean)"
-    key = "exact_match" if any("exact_match" in r for r in rows) else "logps_real_per_token"
+    key = metric if metric and any(metric in r for r in rows) else "logps_real_per_token"
     axes[0].plot(xs, [r.get(key, float("nan")) for r in rows], marker="o")
-    axes[0].set(xlabel=xlabels[0], ylabel="held-out exact match" if key == "exact_match" else "real log-prob per token")
+    axes[0].set(xlabel=xlabels[0], ylabel=held_out_label(key) if key == metric else "real log-prob per token")
     points = [(x, r[signal]) for x, r in zip(xs, rows) if r.get(signal) is not None]
     if points:
         axes[1].plot([x for x, _ in points], [m for _, m in points], marker="o", color="C1")

@@ -45,6 +45,13 @@ def unregister(name: str) -> None:
         _registry.pop(name, None)
 
 
+def metric_of(spec: str | None) -> str | None:
+    """The key ``verifier(spec)`` reports its mean score as, without building it (None: no verifier)."""
+    if spec in (None, "none"):
+        return None
+    return _registry[spec][1] if spec in _registry else "reward"
+
+
 def verifier(spec: str) -> Verifier:
     """The RewardFn of a registered name, or of a user function ``"package.module:function"``."""
     if spec in _registry:
