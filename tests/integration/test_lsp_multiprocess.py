@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 from tests.conftest import REPO
 from tests.integration.helpers import assert_same_weights, rows, weights
-from tests.integration.test_lsp import CONFIG, REWARD_MODULE, lsp_rows, overrides
+from tests.integration.test_lsp import CONFIG, REWARD_MODULE, SELF_REWARD, lsp_rows, overrides
 from tests.integration.test_multiprocess import ENV, torchrun_cmd
 
 from sparring.cli import main
@@ -45,8 +46,8 @@ def env_with(reward_dir: Path) -> dict[str, str]:
     return {**ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(reward_dir)])}
 
 
-def args_for(ground, out: Path) -> list[str]:
-    return ["run", CONFIG, *overrides(ground, out, *SMALL)]
+def args_for(ground, out: Path, config: str = CONFIG, *extra: str) -> list[str]:
+    return ["run", config, *overrides(ground, out, *SMALL, *extra)]
 
 
 def torchrun(args: list[str], reward_dir: Path) -> subprocess.CompletedProcess:
@@ -87,7 +88,9 @@ def test_two_processes_run_lsp_like_one_process(two_process_run, one_process_run
     print("max |θ(2 processes) − θ(1 process)|:", max((a[k] - b[k]).abs().max().item() for k in a))
     logged = [lsp_rows(two), lsp_rows(one)]
     assert [r["step"] for r in logged[0]] == [r["step"] for r in logged[1]] == [1, 2, 3, 4]
-    for r2, r1 in zip(*logged):  # the weights differ by ~1e-6 after step 1: the gradient norm by ~3e-6 relative
+    # The weights differ by ~1e-6 after step 1, the gradient norm by ~3e-6 relative. Clipping and Adam
+    # hide a wrong loss scale from the weights; the logged (unclipped) grad_norm shows it.
+    for r2, r1 in zip(*logged):
         assert r2.keys() == r1.keys()
         for key in (k for k in r1 if not k.startswith("perf/")):
             close = r1[key] if isinstance(r1[key], str) else pytest.approx(r1[key], rel=ATOL, abs=ATOL)
@@ -98,6 +101,25 @@ def test_two_processes_run_lsp_like_one_process(two_process_run, one_process_run
         scores = [json.loads((run / "eval" / f"{label}.json").read_text()) for run in (two, one)]
         assert scores[0]["exact_match"] == scores[1]["exact_match"], label
         assert scores[0]["logps_real_per_token"] == pytest.approx(scores[1]["logps_real_per_token"], abs=ATOL)
+
+
+def test_self_reward_with_lora_on_two_processes_runs_like_one_process(tiny_ground, reward_dir, tmp_path, monkeypatch):
+    """LSP proper: π_Ref's grades shared out too, and LoRA under DDP (π_Ref = the adapters disabled)."""
+    extra = ["lsp.steps=2", "lsp.judge_max_new_tokens=8", "peft.r=4", "peft.alpha=8"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = torchrun(args_for(tiny_ground, two, SELF_REWARD, *extra), reward_dir)
+    assert proc.returncode == 0, failure(proc)
+    assert "processes: 2 (multi_cpu" in proc.stdout
+    monkeypatch.syspath_prepend(str(reward_dir))
+    assert main(args_for(tiny_ground, one, SELF_REWARD, *extra)) == 0
+    samples = rows(two / "samples.jsonl")
+    assert samples == rows(one / "samples.jsonl") and all(len(s["quality"]) == 2 for s in samples)
+    assert_same_weights(two / "model", one / "model", atol=ATOL)
+    trained, initial = weights(two / "model"), weights(Path(tiny_ground["model"]))
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the adapters (merged) moved θ0
+    logged = [lsp_rows(two), lsp_rows(one)]
+    for key in ("loss", "lsp/kl_solver", "lsp/solver_logps", "lsp/quality_reward", "lsp/quality_fallback_frac"):
+        assert [r[key] for r in logged[0]] == pytest.approx([r[key] for r in logged[1]], rel=ATOL, abs=ATOL), key
 
 
 def test_every_rollout_reward_and_judge_batch_is_done_once_across_processes(monkeypatch):
@@ -182,6 +204,40 @@ def test_both_ranks_sigkilled_after_a_checkpoint_resume_to_the_uninterrupted_wei
     again = torchrun(args_for(tiny_ground, out), reward_dir)
     assert again.returncode == 0, failure(again)
     assert "resuming lsp run" in again.stdout
-    assert_same_weights(out / "model", reference / "model", atol=1e-6)
+    assert_same_weights(out / "model", reference / "model", atol=0)  # bit-identical
     assert [r["step"] for r in lsp_rows(out)] == [1, 2, 3, 4]  # no step logged twice
     assert rows(out / "samples.jsonl") == rows(reference / "samples.jsonl")
+
+
+# The CLI with rank 1's first solver row of step 3 made NaN (5 loss calls a step: 3 solver micro-batches
+# of 2 × 1 rows, 2 challenger ones); rank 1's first solver row is answer 1, that of query 0.
+POISON = textwrap.dedent("""
+    import math, os, sys
+    import torch
+    import sparring.algorithms.lsp.rollouts as rollouts
+    from sparring.cli import main
+
+    real, calls = rollouts.reinforce_loss, []
+
+    def poisoned(*args, **kwargs):
+        out, _ = real(*args, **kwargs), calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 11:
+            return out._replace(loss=out.loss * torch.tensor([math.nan] + [1.0] * (len(out.loss) - 1)))
+        return out
+
+    rollouts.reinforce_loss = poisoned
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_nonfinite_row_on_one_rank_stops_both_and_the_message_names_it(tiny_ground, reward_dir, tmp_path):
+    script = tmp_path / "poison.py"
+    script.write_text(POISON)
+    cmd = torchrun_cmd([str(script), *args_for(tiny_ground, tmp_path / "run")], 2, module=None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with(reward_dir), cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    # Rank 0 had no bad row: it names rank 1's (gathered), and neither rank blames the gradient norm.
+    output = proc.stdout + proc.stderr
+    assert "LSP step 3 of 4: a non-finite solver loss on the answers to queries [0] (answers [1], i·G + j)" in output
+    assert "non-finite gradient norm" not in output, failure(proc)
+    assert [r["step"] for r in lsp_rows(tmp_path / "run")] == [1, 2]

@@ -16,6 +16,16 @@ As in the shared loop (``training.loop``), SIGTERM/SIGUSR1 ends the current step
 and ``Preempted``, and a non-finite loss or gradient norm stops the run or skips the update
 (``train.on_nonfinite``).
 
+On several data-parallel processes (torchrun or ``accelerate launch``: DDP, gloo on a CPU; FSDP and
+DeepSpeed are refused) a step is shared out and gives the one-process result: the generation of
+queries and answers, the task reward and π_Ref's grades run in fixed batches of
+``generation.batch_size``, batch k on process k mod world with a seed fixed by k, and are gathered so
+that every process holds the whole step in one process's order; advantages are computed on every
+process from the whole (N, G) rewards; each micro-batch of ``train.batch_size`` × world sequences of
+the update is split across the processes (gradients all-reduced once per step, the loss scaled by
+the world size), and the roles' metrics come from the step engine's all-reduce. Only the main
+process writes logs, samples and stage markers.
+
 ``lsp.query_source: data`` replaces step 1 by N prompts of the ``lsp.prompts`` file (a seeded,
 resumable order, ``prompt_indices``) and trains the solver only (α_Ch = 0): the paper's GRPO baseline
 with LSP's reward, KL and group baseline (docs/algorithms.md maps it onto TRL's GRPOTrainer).
