@@ -5,7 +5,15 @@ SPIN's loss is DPO's sigmoid loss with chosen = real, rejected = generated and r
 opponent θ_t, so TRL's DPOTrainer (precompute_ref_log_probs=True) is the natural peer. Each side runs
 in its own subprocess so peak RSS is its own.
 
-    python benchmarks/spin_vs_trl_dpo.py [--pairs 512] [--hidden 256] [--layers 4]
+Two kinds of data:
+- ``--vocab N`` (default 32000): the real shapes of ``real_shapes.py`` (its tokenizer of N tokens, its
+  Llama, its UltraChat-like lengths scaled by ``--length-scale``, its sides: sparring with
+  ``train.group_by_length`` and TRL at its defaults); defaults 32 pairs, hidden 512, 8 layers, batch 4;
+- ``--vocab 0``: the proving ground (a character tokenizer, rows of at most 96 tokens); defaults
+  512 pairs, hidden 256, 4 layers, batch 16 — the benchmark as first recorded.
+
+    python benchmarks/spin_vs_trl_dpo.py [--pairs 32] [--hidden 512] [--layers 8] [--vocab 32000]
+    python benchmarks/spin_vs_trl_dpo.py --vocab 0 --pairs 512 --hidden 256 --layers 4
 """
 
 from __future__ import annotations
@@ -92,38 +100,79 @@ def run_trl(folder: Path) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def child(side: str, folder: Path) -> None:
+def real_shapes_args(args) -> argparse.Namespace:
+    """The settings of ``real_shapes.py`` for this run (its defaults, with this script's sizes)."""
+    return argparse.Namespace(pairs=args.pairs, batch=4, hidden=args.hidden, layers=args.layers, vocab=args.vocab,
+                              lr=1e-5, beta=0.1, max_prompt=512, max_length=768, max_new_tokens=256,
+                              length_scale=args.length_scale, gen_prompts=0, scaling_base=0)
+
+
+def real_shapes_opts(args) -> dict:
+    import real_shapes
+
+    rs = real_shapes_args(args)
+    return {"pairs": rs.pairs, "batch": rs.batch, "lr": rs.lr, "beta": rs.beta,
+            "max_length": real_shapes.scaled(rs)["max_length"]}
+
+
+def child(side: str, folder: Path, args) -> None:
+    """One side in this process. The libraries both sides use are imported before the clock starts, so
+    that neither side's time holds imports the other made before it (transformers loads lazily)."""
+    import importlib
     import resource
 
-    result = (run_sparring if side == "sparring" else run_trl)(folder)
+    import real_shapes
+
+    for module in real_shapes.PRELOAD:
+        importlib.import_module(module)
+
+    if args.vocab:
+        opts = real_shapes_opts(args)
+        result = (real_shapes.run_sparring(folder, opts, opts["pairs"]) if side == "sparring"
+                  else real_shapes.run_trl(folder, opts, best=False))
+    else:
+        result = (run_sparring if side == "sparring" else run_trl)(folder)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--pairs", type=int, help="default 32 (512 with --vocab 0)")
+    parser.add_argument("--hidden", type=int, help="default 512 (256 with --vocab 0)")
+    parser.add_argument("--layers", type=int, help="default 8 (4 with --vocab 0)")
+    parser.add_argument("--vocab", type=int, default=32000, help="0: the proving ground's character tokenizer")
+    parser.add_argument("--length-scale", type=float, default=0.25, help="real_shapes.py's --length-scale")
     parser.add_argument("--child", choices=["sparring", "trl"])
     parser.add_argument("--folder")
     args = parser.parse_args()
+    real = args.vocab > 0
+    args.pairs = args.pairs or (32 if real else 512)
+    args.hidden = args.hidden or (512 if real else 256)
+    args.layers = args.layers or (8 if real else 4)
     if args.child:
-        return child(args.child, Path(args.folder))
+        return child(args.child, Path(args.folder), args)
     folder = Path(tempfile.mkdtemp())
-    make_data(folder, args.pairs, args.hidden, args.layers)
+    if real:
+        import real_shapes
+
+        real_shapes.make_data(folder, real_shapes_args(args))
+    else:
+        make_data(folder, args.pairs, args.hidden, args.layers)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     results = {}
     for side in ("sparring", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--child", side, "--folder", str(folder)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, __file__, "--child", side, "--folder", str(folder),
+                               *sys.argv[1:]], capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
         out = proc.stdout
         results[side] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     s, t = results["sparring"], results["trl"]
+    shape = (f"vocab={args.vocab} length-scale={args.length_scale:g} batch=4" if real
+             else f"proving ground (characters) batch={COMMON['batch_size']}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; pairs={args.pairs} hidden={args.hidden} "
-          f"layers={args.layers} batch={COMMON['batch_size']} epochs={COMMON['epochs']}")
+          f"layers={args.layers} {shape} epochs=1")
     print(f"{'':10} {'seconds':>9} {'peak RSS MiB':>13}")
     for name, r in results.items():
         print(f"{name:10} {r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")

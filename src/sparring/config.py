@@ -92,6 +92,10 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 8  # per device
     grad_accum: int = 1
+    # Length-grouped micro-batches (less padding): each epoch's seeded permutation is cut into windows of
+    # LENGTH_WINDOW micro-batches, each window sorted by record length and cut into micro-batches, and
+    # the micro-batches shuffled (seeded). Every record once per epoch, as without it; resumable.
+    group_by_length: bool = False
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False

@@ -73,6 +73,64 @@ def test_plan_visits_every_record_once_per_epoch():
     assert flat[:23] != flat[23:]  # a new permutation each epoch
 
 
+def padding(plan, lengths) -> int:
+    """Pad tokens of every micro-batch padded to its longest record."""
+    return sum(len(m) * max(lengths[i] for i in m) - sum(lengths[i] for i in m) for s in plan for m in s)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_length_grouped_plan_visits_every_record_once_per_epoch_with_little_padding(world):
+    torch.manual_seed(0)
+    lengths = (torch.distributions.LogNormal(5.0, 0.8).sample((1003,)) + 1).long().tolist()  # long-tailed
+    grouped = TrainConfig(epochs=2, batch_size=4, grad_accum=2, seed=3, group_by_length=True)
+    plan = plan_steps(1003, grouped, world, lengths)
+    plain = plan_steps(1003, TrainConfig(epochs=2, batch_size=4, grad_accum=2, seed=3), world, lengths)
+    assert [[len(m) for m in s] for s in plan] == [[len(m) for m in s] for s in plain]  # the same shapes
+    flat = [i for s in plan for m in s for i in m]
+    assert sorted(flat[:1003]) == list(range(1003)) and sorted(flat[1003:]) == list(range(1003))
+    assert flat[:1003] != flat[1003:]
+    assert plan == plan_steps(1003, grouped, world, lengths)  # seeded: a resume plans the same steps
+    assert padding(plan, lengths) < 0.2 * padding(plain, lengths)
+    sizes = [max(lengths[i] for i in s[0]) for s in plan[:40]]
+    assert sizes != sorted(sizes, reverse=True)  # the steps are shuffled, not longest first
+
+
+def test_training_with_group_by_length_pads_less_and_counts_the_records_token_ids(tmp_path):
+    from typing import NamedTuple
+
+    from accelerate import Accelerator
+
+    from sparring.training.loop import record_tokens
+
+    class Rec(NamedTuple):
+        prompt_ids: list[int]
+        real_ids: list[int]
+        opponent: float
+
+    assert record_tokens(Rec([1, 2], [3], 0.5)) == 3 and record_tokens((1, 2)) == 0
+    recs = [Rec([1] * (1 + (i * 7) % 13), [2] * (1 + (i * 5) % 17), 0.1 * i) for i in range(64)]
+    Batch = namedtuple("Batch", "x attention_mask")
+
+    def collate_recs(rows):
+        width = max(record_tokens(r) for r in rows)
+        mask = torch.tensor([[1] * record_tokens(r) + [0] * (width - record_tokens(r)) for r in rows])
+        return Batch(torch.tensor([[r.opponent] * 4 for r in rows]), mask)
+
+    widths = {}
+    for group in (False, True):
+        seen = widths[group] = []
+
+        def loss_step(model, batch, seen=seen):
+            seen.append(batch.attention_mask.numel() - int(batch.attention_mask.sum()))
+            return SimpleNamespace(loss=model.w(batch.x).squeeze(-1) ** 2, metrics={})
+
+        cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, group_by_length=group)
+        train(Toy(), recs, collate=collate_recs, loss_step=loss_step, cfg=cfg, accelerator=Accelerator(cpu=True),
+              folder=tmp_path / str(group), logger=MetricsLogger(tmp_path / f"{group}.jsonl", None), log_fields={})
+    assert len(widths[True]) == len(widths[False]) == 16
+    assert sum(widths[True]) < 0.5 * sum(widths[False])
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = linear_schedule(opt, total_steps=10, warmup_ratio=0.2)

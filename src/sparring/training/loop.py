@@ -35,15 +35,45 @@ class TrainResult:
     model: Any = None  # the model as prepared by accelerate (DDP/FSDP/DeepSpeed wrapper): save from this
 
 
-def plan_steps(n: int, cfg: TrainConfig, world: int) -> list[list[list[int]]]:
-    """Optimizer steps → micro-batches → record indices (global, before splitting across processes)."""
+LENGTH_WINDOW = 50  # micro-batches per sorted window of train.group_by_length (HF's megabatch of 50 batches)
+
+
+def plan_steps(n: int, cfg: TrainConfig, world: int, lengths: list[int] | None = None) -> list[list[list[int]]]:
+    """Optimizer steps → micro-batches → record indices (global, before splitting across processes).
+
+    With ``train.group_by_length`` and the records' ``lengths``, micro-batches hold records of similar
+    length (``group_by_length``); the plan stays a function of the seed, the epoch and the lengths."""
     micro = cfg.batch_size * world
     steps = []
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        micros = [perm[i : i + micro] for i in range(0, n, micro)]
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        perm = torch.randperm(n, generator=generator).tolist()
+        if cfg.group_by_length and lengths is not None:
+            micros = group_by_length(perm, lengths, micro, generator)
+        else:
+            micros = [perm[i : i + micro] for i in range(0, n, micro)]
         steps += [micros[i : i + cfg.grad_accum] for i in range(0, len(micros), cfg.grad_accum)]
     return steps
+
+
+def group_by_length(perm: list[int], lengths: list[int], micro: int, generator: torch.Generator) -> list[list[int]]:
+    """``perm`` cut into windows of LENGTH_WINDOW micro-batches, each sorted by length (longest first,
+    ties in permutation order) and cut into micro-batches of ``micro``; the full micro-batches then
+    in a seeded random order, a last partial one (when n is not a multiple) last."""
+    window = micro * LENGTH_WINDOW
+    micros = []
+    for start in range(0, len(perm), window):
+        ordered = sorted(perm[start : start + window], key=lambda i: -lengths[i])
+        micros += [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
+    tail = [micros.pop()] if len(micros[-1]) < micro else []
+    return [micros[k] for k in torch.randperm(len(micros), generator=generator).tolist()] + tail
+
+
+def record_tokens(record: Any) -> int:
+    """A training record's tokens: the summed lengths of its token-id fields (those named ``*_ids``)."""
+    if not (isinstance(record, tuple) and hasattr(record, "_fields")):
+        return 0
+    return sum(len(value) for name, value in zip(record._fields, record) if name.endswith("_ids"))
 
 
 @dataclass
@@ -100,7 +130,8 @@ def train(
     (SFT: weight = response tokens, so the step's loss is the mean token NLL over the whole step)."""
     if not records:
         raise ValueError("no training records")
-    plan = plan_steps(len(records), cfg, accelerator.num_processes)
+    lengths = [record_tokens(r) for r in records] if cfg.group_by_length else None
+    plan = plan_steps(len(records), cfg, accelerator.num_processes, lengths)
     total = len(plan)
     where = " ".join(f"{k} {v}" for k, v in log_fields.items()) or "training"
     engine = Engine(model, cfg, accelerator, total_steps=total, checkpoints=folder / "checkpoints", where=where)
