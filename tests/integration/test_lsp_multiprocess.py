@@ -241,3 +241,13 @@ def test_a_nonfinite_row_on_one_rank_stops_both_and_the_message_names_it(tiny_gr
     assert "LSP step 3 of 4: a non-finite solver loss on the answers to queries [0] (answers [1], i·G + j)" in output
     assert "non-finite gradient norm" not in output, failure(proc)
     assert [r["step"] for r in lsp_rows(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_models_are_refused_with_a_config_error(kind):
+    from sparring.algorithms.lsp import check_data_parallel
+    from sparring.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data-parallel \\(DDP\\) processes, not under {kind}"):
+        check_data_parallel(SimpleNamespace(distributed_type=SimpleNamespace(name=kind)))
+    check_data_parallel(SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_CPU")))  # DDP runs
