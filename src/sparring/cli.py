@@ -1,4 +1,4 @@
-"""Command line: ``sparring run | sft | status | report``."""
+"""Command line: ``sparring run | sft | status | report | data check | experiment``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run_dir")
     report = sub.add_parser("report", help="rewrite a run's results table and plot")
     report.add_argument("run_dir")
+    data = sub.add_parser("data", help="check a data file before a run").add_subparsers(dest="data_command",
+                                                                                       required=True)
+    check = data.add_parser("check", help="parse and tokenize a data file as a config's run would; exit 1 on "
+                                          "rows that would stop it")
+    check.add_argument("file", help="the data: a file, a save_to_disk folder or a Hub dataset id")
+    check.add_argument("config", help="the run's YAML config (its data: section and model's tokenizer)")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.split=test")
     experiment = sub.add_parser("experiment", help="run a proving-ground experiment (configs/experiments/)")
     experiment.add_argument("config")
     experiment.add_argument("overrides", nargs="*")
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(Path(args.run_dir))
+        if args.command == "data":
+            return _data_check(args.file, args.config, args.overrides)
         if args.command == "experiment":
             import importlib
 
@@ -98,6 +107,23 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         return None, [config, *overrides]
     return config, overrides
+
+
+def _data_check(source: str, config: str, overrides: list[str]) -> int:
+    """``sparring data check``: the report of ``data.check`` on stdout; 1 when the run would stop on the data."""
+    from sparring.config import load_config
+    from sparring.data import load_rows
+    from sparring.data.check import check_rows, failed, render
+    from sparring.modeling import load_tokenizer
+
+    cfg = load_config(config, [*overrides, f"data.source={json.dumps(source)}"], check_reads=False)
+    result = check_rows(load_rows(source, cfg.data.split), cfg.data, load_tokenizer(cfg.model))
+    print(render(result, cfg.data, source))
+    why = failed(result, cfg.data)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _report(run_dir: Path) -> int:
