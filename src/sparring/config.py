@@ -163,6 +163,7 @@ class TpawConfig:
 @dataclass
 class LspRewardConfig:
     kind: Literal["verifier", "reward_model", "function"] = "verifier"
+    verifier: str = "proving_ground"  # kind verifier: a name of rewards.registry (a verifier you register too)
     reward_model: str | None = None  # Hub id or local directory of a sequence-classification model
     function: str | None = None  # "package.module:function" taking (query, answer) -> float
     # Answers to a query the verifier cannot parse all get this reward: the solver learns nothing from
@@ -693,6 +694,12 @@ def _validate_lsp(lsp: LspConfig) -> None:
         raise ConfigError("lsp.self_reward_prompt needs an {instruction} and a {response} slot")
     if lsp.reward.kind == "reward_model" and not lsp.reward.reward_model:
         raise ConfigError("lsp.reward.kind=reward_model needs lsp.reward.reward_model (a Hub id or local directory)")
+    if lsp.reward.kind == "verifier":
+        from sparring.rewards import registry
+
+        if lsp.reward.verifier not in registry.names():
+            raise ConfigError(f"lsp.reward.verifier={lsp.reward.verifier!r} is not a registered verifier; verifiers: "
+                              f"{', '.join(registry.names())} (a function of yours: lsp.reward.kind=function)")
     if lsp.reward.kind == "function" and not lsp.reward.function:
         raise ConfigError("lsp.reward.kind=function needs lsp.reward.function ('package.module:function')")
 

@@ -64,6 +64,27 @@ def test_config_needs_the_chosen_reward():
     with pytest.raises(ConfigError, match="reward.function"):
         load_config(TINY, ["lsp.reward.kind=function"])
     assert load_config(TINY, ["lsp.num_queries=2", "lsp.answers_per_query=2"]).lsp.num_queries == 2
+    with pytest.raises(ConfigError, match="'nope' is not a registered verifier; verifiers: proving_ground"):
+        load_config(TINY, ["lsp.reward.verifier=nope"])
+
+
+def test_the_verifier_reward_is_the_one_the_registry_names():
+    from sparring.algorithms.lsp.rollouts import make_reward
+    from sparring.rewards import registry
+    from sparring.rewards.base import RewardBatch
+
+    class Length:
+        def __call__(self, queries, answers):
+            return RewardBatch([float(len(a)) for a in answers], [True] * len(answers))
+
+    registry.register("length", Length)
+    try:
+        cfg = load_config(TINY, ["lsp.reward.verifier=length"])
+        assert make_reward(cfg.lsp, device="cpu", dtype=None)(["q", "q"], ["ab", "abc"]).scores == [2.0, 3.0]
+    finally:
+        registry.unregister("length")
+    default = make_reward(load_config(TINY).lsp, device="cpu", dtype=None)
+    assert isinstance(default, ProvingGroundVerifier)
 
 
 # ---------------------------------------------------------------- verifier

@@ -122,10 +122,10 @@ def sample_rollouts(model, tokenizer, lsp: LspConfig, *, seed: int, step: int, b
 def make_reward(lsp: LspConfig, *, device, dtype) -> RewardFn:
     """The task reward R(q, a) chosen by ``lsp.reward.kind``."""
     kind = lsp.reward.kind
-    if kind == "verifier":
-        from sparring.rewards import ProvingGroundVerifier
+    if kind == "verifier":  # a verifier of the registry, as held-out evaluation's eval.verifier
+        from sparring.rewards.registry import verifier
 
-        return ProvingGroundVerifier()
+        return verifier(lsp.reward.verifier).reward
     if kind == "reward_model":
         from sparring.rewards import HFRewardModel
 
