@@ -119,6 +119,9 @@ class EvalConfig:
     verifier: str | None = None
     max_new_tokens: int = 32
     batch_size: int = 64
+    # The first K held-out prompts' greedy answers of every evaluated model, in eval/<label>.answers.jsonl
+    # (report.html shows them side by side); 0: none.
+    sample_prompts: int = 8
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from sparring.config import ConfigError, RunConfig
 from sparring.data.dataset import TrainingSet, load_training_set
-from sparring.evaluation import evaluate, load_eval_set
+from sparring.evaluation import evaluate_with_answers, load_eval_set
 from sparring.evaluation.report import write_report
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
 from sparring.modeling import (
@@ -283,10 +283,11 @@ def save_pretrained(s: Session, model, target: Path, base: str | Path | None = N
 
 
 def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:
-    """Held-out evaluation of a model, once: cached in ``run_dir.eval_file(label)`` and logged.
+    """Held-out evaluation of a model, once: cached in ``run_dir.eval_file(label)`` and logged, its
+    answers to the first ``eval.sample_prompts`` prompts in ``run_dir.eval_answers(label)``.
 
     Every process evaluates a share (a ZeRO-3 / FSDP model needs all of them in each forward); the
-    main one writes the scores."""
+    main one writes the answers, then the scores (whose file marks the evaluation done)."""
     out = s.run_dir.eval_file(label)
     if out.exists():
         return json.loads(out.read_text())
@@ -295,8 +296,12 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
     own = model is None
     model = load_model(s.cfg.model, path, device=s.accelerator.device) if own else s.accelerator.unwrap_model(model)
     data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
-    scores = {"label": label, **evaluate(model, s.tokenizer, data, s.cfg.eval, accelerator=s.accelerator)}
+    scores, answers = evaluate_with_answers(model, s.tokenizer, data, s.cfg.eval, accelerator=s.accelerator,
+                                            samples=s.cfg.eval.sample_prompts)
+    scores = {"label": label, **scores}
     if s.main:
+        if answers:
+            write_jsonl(s.run_dir.eval_answers(label), answers)
         atomic_write_json(out, scores)
         s.logger.log({"kind": "eval", **scores})
     if own:
@@ -304,4 +309,3 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
         release()
     s.accelerator.wait_for_everyone()
     return json.loads(out.read_text())
-

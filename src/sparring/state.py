@@ -5,11 +5,12 @@
       state.json           fingerprint of result-affecting settings + finished stages
       metrics.jsonl        every logged row (train steps, evaluations), rewritten on resume
       tb/                  TensorBoard events
-      eval/                held-out scores per model: initial.json, iter{t}.json, step{k}.json (LSP)
+      eval/                held-out scores per model: initial.json, iter{t}.json, step{k}.json (LSP),
+                           and its answers to the first eval.sample_prompts prompts: <label>.answers.jsonl
       iter_000/            one folder per iteration: generated.jsonl (+ .chunks/ while sampling),
                            pairs/triplets/team records, *_logps caches, checkpoints/, model/ (θ_{t+1})
       checkpoints/, samples.jsonl, models/step{k}/, model/      LSP's resumable state and models
-      plot.png, results.md
+      plot.png, results.md, report.html
       .lock                held (flock) by the live run: {host, pid, started}
 
 Every stage key of state.json and every path inside RUN/ comes from ``RunDir``: the one place that
@@ -278,10 +279,15 @@ class RunDir:
     tensorboard = RunFile("tb")
     results = RunFile("results.md")
     plot = RunFile("plot.png")
+    report_page = RunFile("report.html")
 
     def eval_file(self, label: str) -> Path:
         """Held-out scores of the model ``label`` (INITIAL, ``stage_iteration(t)``, ``lsp_step_label(k)``)."""
         return self.root / "eval" / f"{label}.json"
+
+    def eval_answers(self, label: str) -> Path:
+        """The model ``label``'s greedy answers to the first ``eval.sample_prompts`` held-out prompts."""
+        return self.root / "eval" / f"{label}.answers.jsonl"
 
     def eval_steps(self) -> list[tuple[int, Path]]:
         """LSP: (step, eval file) of every evaluated step, by step."""
