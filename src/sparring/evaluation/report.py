@@ -1,10 +1,12 @@
-"""The report of a run directory, for every method: ``results.md`` and ``plot.png``.
+"""The report of a run directory, for every method: ``results.md``, ``plot.png`` and ``report.html``.
 
 ``results.md`` holds one table row per model — θ0, then θ_{t+1} after each SPIN / T-SPIN / TPAW
 iteration t, or the policy after each evaluated LSP step — and a short samples section: a few rows
 the run generated (prompt, real y and generated y′ of the newest iteration, or LSP's newest
 challenger queries with the solver's answers and rewards). ``plot.png`` shows held-out accuracy and
-the training signal (reward margin, or LSP's mean task reward) against the same axis.
+the training signal (reward margin, or LSP's mean task reward) against the same axis. ``report.html``
+(``evaluation.html``) is the page of the whole run: every logged curve, the table, and the sample
+prompts answered by every model side by side.
 
 Runs write it at their end; ``sparring report RUN_DIR`` rewrites it from the run directory alone
 (``write_report`` with the run's saved config). Every path comes from ``RunDir``.
@@ -60,8 +62,12 @@ def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[
         atomic_write_text(run_dir.results, text + "\n" + (f"\n{samples}\n" if samples else ""))
         title = f"LSP ({cfg.lsp.variant})" if lsp else (f"{cfg.method} on {Path(cfg.data.source).name}" if cfg.data.source else cfg.method)
         plot(rows, run_dir.plot, title=title, lsp=lsp, metric=metric)
+        from sparring.evaluation.html import write_page
+
+        write_page(run_dir, cfg, rows, columns(LSP_COLUMNS if lsp else SPIN_COLUMNS, metric), title=title)
         print(text)
         print(f"plot: {run_dir.plot}")
+        print(f"report page: {run_dir.report_page}")
     return rows
 
 
@@ -107,12 +113,16 @@ def _metrics(run_dir: RunDir) -> list[dict]:
 
 # -- table and samples ------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[tuple[str, str, str]] = SPIN_COLUMNS) -> str:
-    """A markdown table; a missing (or None) value shows as –."""
+    """A markdown table of ``cells``."""
+    headers, body = cells(rows, columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body])
+
+
+def cells(rows: list[dict], columns: list[tuple[str, str, str]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, formatted cells per row) of the columns some row has; a missing (or None) value shows as –."""
     cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(c[2].format(r[c[0]]) if r.get(c[0]) is not None else "–" for c in cols) + " |")
-    return "\n".join(lines)
+    return [c[1] for c in cols], [[c[2].format(r[c[0]]) if r.get(c[0]) is not None else "–" for c in cols] for r in rows]
 
 
 def pair_samples(run_dir: RunDir, iterations: int, n: int = SAMPLES) -> str:
