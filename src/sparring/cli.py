@@ -1,4 +1,4 @@
-"""Command line: ``sparring run | sft | status | report | data check | experiment``."""
+"""Command line: ``sparring run | sft | status | report | export | data check | experiment``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run_dir")
     report = sub.add_parser("report", help="rewrite a run's results table and plot")
     report.add_argument("run_dir")
+    export = sub.add_parser("export", help="answer a benchmark's prompts with every model of a run, in the "
+                                           "answer format the benchmark reads")
+    export.add_argument("run_dir")
+    export.add_argument("prompts", help="AlpacaEval's eval set (json/jsonl, \"instruction\") or MT-Bench's question.jsonl")
+    export.add_argument("--format", required=True, choices=["alpaca_eval", "mt_bench"], dest="fmt")
+    export.add_argument("--iterations", choices=["all", "last"], default="all",
+                        help="every model θ0 … θT (LSP: kept steps and the final policy), or the newest alone")
+    export.add_argument("--out", help="folder of the answer files (default RUN_DIR/export/FORMAT)")
+    export.add_argument("--max-new-tokens", type=int, default=1024)
+    export.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    export.add_argument("--batch-size", type=int, default=8)
+    export.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="check a data file before a run").add_subparsers(dest="data_command",
                                                                                        required=True)
     check = data.add_parser("check", help="parse and tokenize a data file as a config's run would; exit 1 on "
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(Path(args.run_dir))
+        if args.command == "export":
+            return _export(args)
         if args.command == "data":
             return _data_check(args.file, args.config, args.overrides)
         if args.command == "experiment":
@@ -123,6 +137,21 @@ def _data_check(source: str, config: str, overrides: list[str]) -> int:
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``sparring export``: every model's answers to the prompt file (``export.export``)."""
+    from sparring.config import load_config
+    from sparring.export import export
+    from sparring.state import RunDir
+
+    rd = RunDir(args.run_dir)
+    if not rd.config_path.exists():
+        raise FileNotFoundError(f"{rd.config_path} not found: {rd.root} is not a run directory")
+    export(rd, load_config(rd.config_path, check_reads=False), args.prompts, args.fmt, iterations=args.iterations,
+           out=Path(args.out) if args.out else None, max_new_tokens=args.max_new_tokens,
+           temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
     return 0
 
 

@@ -11,6 +11,7 @@
                            pairs/triplets/team records, *_logps caches, checkpoints/, model/ (θ_{t+1})
       checkpoints/, samples.jsonl, models/step{k}/, model/      LSP's resumable state and models
       plot.png, results.md, report.html
+      export/<format>/     sparring export: every model's answers to a benchmark's prompts
       .lock                held (flock) by the live run: {host, pid, started}
 
 Every stage key of state.json and every path inside RUN/ comes from ``RunDir``: the one place that
@@ -351,7 +352,18 @@ class RunDir:
         """LSP with lsp.keep_models: the policy after ``step``."""
         return self.root / "models" / self.lsp_step_label(step)
 
+    def step_models(self) -> list[tuple[int, Path]]:
+        """LSP with lsp.keep_models: (step, saved policy) of every kept step, by step."""
+        found = [(self.parse_step_label(p.name), p) for p in (self.root / "models").glob("step*")
+                 if p.name[4:].isdigit()]
+        return sorted(found)
+
     final_model = RunFile("model")  # LSP: the policy after the last step
+
+    # -- exported answers -----------------------------------------------------------------------
+    def export(self, fmt: str) -> Path:
+        """``sparring export``'s answer files of every model in benchmark format ``fmt`` (default folder)."""
+        return self.root / "export" / fmt
 
     # -- state.json ---------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any]:
