@@ -260,6 +260,30 @@ class SftConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers, through accelerate (metrics.jsonl, the source of reports, is always written)."""
+
+    # accelerate's tracker names (tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive,
+    # swanlab); tensorboard writes RUN/tb. [] logs to metrics.jsonl only. Others: pip install 'sparring[trackers]'.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "sparring"  # the trackers' project (wandb, trackio: project; mlflow: experiment)
+    run_name: str | None = None  # the tracker run's name (None: the output_dir's folder name)
+
+
+@dataclass
+class HubConfig:
+    """Pushing the final model to the Hugging Face Hub at the end of a run (``sparring.hub``). The token
+    comes from HF_TOKEN or `hf auth login`, never from the config."""
+
+    push: bool = False
+    repo_id: str | None = None  # "user/name" (needed by push)
+    private: bool = True  # a repo that does not exist yet is created private
+    revision: str | None = None  # the branch of the final model (None: main)
+    # SPIN, T-SPIN, TPAW: also push θ_{t+1} after every iteration t, to branch "iter-<t+1>".
+    push_iterations: bool = False
+
+
+@dataclass
 class RunConfig:
     method: str = "spin"  # a name of sparring.algorithms.names(), checked at load time
     output_dir: str = "runs/spin"
@@ -274,6 +298,8 @@ class RunConfig:
     lsp: LspConfig = field(default_factory=LspConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     per_iteration: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def for_iteration(self, iteration: int) -> RunConfig:
@@ -302,13 +328,17 @@ RESUMABLE_FIELDS = (
     "generation.vllm_gpu_memory_utilization",
     "eval",
     "model.build_proving_ground",
+    "logging",
+    "hub",
 )
 
 
 # What every method reads beside its module's READS: the shared set-up (stages.open_session: the run
 # directory, the model and tokenizer, the accelerator's precision), LoRA (peft:, one section for every
-# method) and the held-out evaluation (eval:, and data.max_length, which cuts the held-out rows).
-COMMON_FIELDS = ("method", "output_dir", "model", "eval", "peft", "train.mixed_precision", "data.max_length")
+# method), the held-out evaluation (eval:, and data.max_length, which cuts the held-out rows), the
+# trackers (logging:) and the push of the final model (hub:).
+COMMON_FIELDS = ("method", "output_dir", "model", "eval", "peft", "train.mixed_precision", "data.max_length",
+                 "logging", "hub")
 # Read by the CLI, which builds the proving ground from it, only with model.build_proving_ground: true.
 PROVING_GROUND_SECTION = "sft"
 
@@ -620,6 +650,8 @@ def validate(cfg: RunConfig, *, set_fields=None) -> None:
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
     _check_verifier(cfg.eval)
+    _validate_logging(cfg.logging)
+    _validate_hub(cfg)
     if not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path is required: a Hub id or a local model directory")
     if _is_under("data.source", readable) and not cfg.data.source:
@@ -640,6 +672,29 @@ def _check_verifier(ev: EvalConfig) -> None:
     if not ev.source:
         raise ConfigError(f"eval.verifier={ev.verifier} scores held-out answers, but eval.source is not set: "
                           "set eval.source (held-out rows), or remove eval.verifier")
+
+
+def _validate_logging(logging: LoggingConfig) -> None:
+    from accelerate.utils import LoggerType
+
+    known = [str(t) for t in LoggerType if str(t) != "all"]
+    unknown = [name for name in logging.report_to if name not in known]
+    if unknown:
+        raise ConfigError(f"logging.report_to: {unknown[0]!r} is not a tracker; trackers: {', '.join(known)} "
+                          "([] for metrics.jsonl only)")
+    if not logging.project:
+        raise ConfigError("logging.project must not be empty")
+
+
+def _validate_hub(cfg: RunConfig) -> None:
+    hub = cfg.hub
+    if (hub.push or hub.push_iterations) and not hub.repo_id:
+        raise ConfigError("hub.push needs hub.repo_id: the Hub repository to push to, as 'user/name'")
+    if hub.push_iterations and not hub.push:
+        raise ConfigError("hub.push_iterations pushes every iteration's model beside the final one: set hub.push too")
+    if hub.push_iterations and cfg.method not in ITERATIVE_METHODS:
+        raise ConfigError(f"hub.push_iterations: method {cfg.method} has no iterations to push (its final model "
+                          "is pushed with hub.push); remove hub.push_iterations")
 
 
 def _check_iteration_fields(cfg: RunConfig, where: str = "") -> None:
@@ -733,6 +788,12 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     the method reads (``method_reads``), less the RESUMABLE_FIELDS."""
     readable = method_reads(cfg.method)
     return {k: v for k, v in flat_settings(cfg).items() if _is_under(k, readable) and not _is_under(k, RESUMABLE_FIELDS)}
+
+
+def flat_reads(cfg: RunConfig) -> dict[str, Any]:
+    """The fields the run reads (``reads``), flattened to dotted keys: the config trackers record."""
+    readable = reads(cfg)
+    return {k: v for k, v in flat_settings(cfg).items() if _is_under(k, readable)}
 
 
 def flat_settings(cfg: RunConfig) -> dict[str, Any]:

@@ -168,12 +168,20 @@ def launched_world_size() -> int:
 
 
 def make_accelerator(cfg: RunConfig):
+    """The run's Accelerator: precision, processes, and the trackers of ``logging.report_to`` with the
+    run directory as project (TensorBoard in RUN/tb; started by ``training.trackers.Trackers``)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from sparring.state import RunDir
+    from sparring.training.trackers import log_with
 
     # Without cpu=True accelerate only builds a process group on an accelerator: under torchrun on
     # a CPU machine every process would run alone as rank 0 of 1, all writing the same run folder.
     cpu = launched_world_size() > 1 and torch.accelerator.current_accelerator() in (None, torch.device("mps"))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(cfg.train))
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(RunDir(cfg.output_dir).tensorboard))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(cfg.train),
+                              log_with=log_with(cfg.logging) or None, project_config=project)
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(f"launched {launched_world_size()} processes but accelerate joined "
                            f"{accelerator.num_processes} ({accelerator.distributed_type})")

@@ -32,6 +32,7 @@ from sparring.modeling import (
 )
 from sparring.state import RunDir, RunLocked, atomic_write_json, read_jsonl, write_jsonl
 from sparring.training import MetricsLogger, train
+from sparring.training.trackers import run_trackers
 
 
 @dataclass
@@ -72,7 +73,7 @@ def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True)
     data = load_training_set(cfg.data, tokenizer) if load_data else None
     if data is not None and data.report.skipped and accelerator.is_main_process:
         print(f"skipped {sum(data.report.skipped.values())} bad rows: {dict(data.report.skipped)}")
-    logger = MetricsLogger(run_dir.metrics_path, run_dir.tensorboard, enabled=accelerator.is_main_process)
+    logger = MetricsLogger(run_dir.metrics_path, run_trackers(accelerator, cfg), enabled=accelerator.is_main_process)
     return Session(cfg, run_dir, accelerator, tokenizer, data, logger)
 
 
@@ -211,13 +212,26 @@ def run_iterations(cfg: RunConfig, iterations: int, iteration, *, force: bool = 
     evaluate_stage(s, s.run_dir.INITIAL, path=None)
     for t in range(iterations):
         if s.run_dir.is_done(s.run_dir.stage_iteration(t)):
+            push_iteration(s, t)  # a push that failed or was turned on after the iteration
             continue
         model = load_iterate(s, t)  # θ_t
         result, info = iteration(s, t, cfg.for_iteration(t), model)
         finish_iteration(s, t, result, info)
         del model, result  # both hold θ_{t+1}: gone before the next iteration loads it again
         release(s)  # then free accelerate's references, collect, empty the cache
-    return write_report(s.run_dir, cfg, main=s.main)
+    return end_run(s, s.run_dir.model(iterations - 1))
+
+
+def end_run(s: Session, final_model: Path) -> list[dict]:
+    """The run's end: the report (results.md, plot.png), then (main process, with hub.push) the final
+    model pushed to the Hub with its model card, then the trackers end. Returns the report rows."""
+    rows = write_report(s.run_dir, s.cfg, main=s.main)
+    if s.main and s.cfg.hub.push:
+        from sparring.hub import push_run
+
+        push_run(s.run_dir, s.cfg, final_model)
+    s.logger.finish()
+    return rows
 
 
 def train_iteration(s: Session, t: int, icfg: RunConfig, model, records: list, *, collate, loss_step, weight=None,
@@ -248,7 +262,20 @@ def finish_iteration(s: Session, t: int, result, info: dict) -> None:
     if s.main:
         s.run_dir.mark_done(s.run_dir.stage_iteration(t), {"steps": result.steps, **info, **result.last_metrics})
         cleanup_iteration(s, t)
+    push_iteration(s, t)
     s.accelerator.wait_for_everyone()
+
+
+def push_iteration(s: Session, t: int) -> None:
+    """With hub.push_iterations, the main process pushes θ_{t+1} to its branch once (a stage of state.json,
+    per repo): a rerun pushes only what is missing."""
+    if not (s.main and s.cfg.hub.push_iterations):
+        return
+    from sparring import hub
+
+    stage = f"hub/{s.cfg.hub.repo_id}@{hub.iteration_revision(t)}"
+    if not s.run_dir.is_done(stage):
+        s.run_dir.mark_done(stage, {"url": hub.push_iteration(s.run_dir, s.cfg, t)})
 
 
 def save_model(s: Session, model, t: int) -> None:

@@ -197,6 +197,7 @@ def run_sft_arm(cfg: PlateauConfig, job: Job, root: Path, paths: dict[str, Path]
     from sparring.modeling import load_model, load_tokenizer, make_accelerator
     from sparring.state import atomic_write_json
     from sparring.training import MetricsLogger, train
+    from sparring.training.trackers import Trackers
 
     out = root / "runs" / job.name
     model_cfg = ModelConfig(name_or_path=str(theta0), dtype="float32")
@@ -207,8 +208,8 @@ def run_sft_arm(cfg: PlateauConfig, job: Job, root: Path, paths: dict[str, Path]
     random.Random(job.seed).shuffle(order)
     eval_cfg = EvalConfig(source=str(paths["validation"]), split="train", verifier="proving_ground", max_new_tokens=cfg.max_new_tokens)
     validation = load_eval_set(eval_cfg, tokenizer, 256)
-    accelerator = make_accelerator(RunConfig())
-    logger = MetricsLogger(out / "metrics.jsonl", out / "tb")
+    accelerator = make_accelerator(RunConfig(output_dir=str(out)))  # TensorBoard in out/tb
+    logger = MetricsLogger(out / "metrics.jsonl", Trackers(accelerator, run_name=job.name))
     (out / "eval").mkdir(parents=True, exist_ok=True)
     if not (out / "eval" / "initial.json").exists():
         atomic_write_json(out / "eval" / "initial.json", {"label": "initial", **evaluate(load_model(model_cfg), tokenizer, validation, eval_cfg)})

@@ -122,10 +122,11 @@ class Engine:
 
     def open_logs(self, logger, *, drop: Callable[[dict], bool], offset: int = 0) -> None:
         """Resume the logs with the weights: rows ``drop`` matches that lie past the checkpoint are
-        dropped, and TensorBoard events after it are purged (``offset``: the phase's first global step − 1)."""
+        dropped, and the trackers start, TensorBoard purging its events after it (``offset``: the phase's
+        first global step − 1)."""
         start = self.start
         logger.drop(lambda r: drop(r) and r["step"] > start)
-        logger.open_tensorboard(purge_step=offset + start + 1)
+        logger.open_trackers(purge_step=offset + start + 1)
 
 
 def configure_deepspeed(accelerator, cfg: TrainConfig) -> int:

@@ -1,4 +1,5 @@
-"""metrics.jsonl + TensorBoard. Rows after a resume point are dropped, so reruns never duplicate."""
+"""metrics.jsonl + the run's trackers (TensorBoard by default, ``training.trackers``). Rows after a
+resume point are dropped, so reruns never duplicate."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from sparring.state import atomic_write_text
 
 
 class MetricsLogger:
-    def __init__(self, path: Path, tb_dir: Path | None = None, enabled: bool = True):
-        self.path, self.tb_dir, self.enabled = path, tb_dir, enabled
-        self._writer = None
+    """Rows to ``path`` (the source of reports); rows logged with a step also go to ``trackers``
+    (a ``training.trackers.Trackers``, or None: metrics.jsonl only)."""
+
+    def __init__(self, path: Path, trackers=None, enabled: bool = True):
+        self.path, self.trackers, self.enabled = path, trackers, enabled
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -32,13 +35,10 @@ class MetricsLogger:
         kept = [r for r in self.rows() if not where(r)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def open_tensorboard(self, purge_step: int | None = None) -> None:
-        if not self.enabled or self.tb_dir is None:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.close()
-        self._writer = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+    def open_trackers(self, purge_step: int | None = None) -> None:
+        """Start the trackers (once per session): TensorBoard drops its events from ``purge_step`` on."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.start(purge_step)
 
     def log(self, row: dict, *, step: int | None = None, prefix: str = "train") -> None:
         if not self.enabled:
@@ -46,12 +46,18 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._writer is not None and step is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("step", "global_step", "iteration"):
-                    self._writer.add_scalar(f"{prefix}/{key}", value, step)
+        if self.trackers is not None and step is not None:
+            from sparring.training.trackers import scalars
+
+            self.trackers.log(scalars(row, prefix), step)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """The end of a logging phase (a training phase, LSP's loop): what the trackers hold is written;
+        they stay open for the run's next phase."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.flush()
+
+    def finish(self) -> None:
+        """The end of the run: the trackers end (``accelerator.end_training``; every process calls this)."""
+        if self.trackers is not None:
+            self.trackers.end()

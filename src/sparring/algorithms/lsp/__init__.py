@@ -57,7 +57,6 @@ from sparring.algorithms.lsp.rollouts import (
     score_rewards,
 )
 from sparring.config import ConfigError, LspConfig, RunConfig
-from sparring.evaluation.report import write_report
 from sparring.losses import lsp_advantages
 from sparring.losses.lsp import group_signal
 from sparring.modeling import add_adapters, check_peft, load_model, resolve_dtype
@@ -82,7 +81,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     s = stages.open_session(cfg, force=force, load_data=False)
     check_data_parallel(s.accelerator)
     if s.run_dir.is_done(s.run_dir.FINAL):
-        return write_report(s.run_dir, cfg, main=s.main)
+        return stages.end_run(s, s.run_dir.final_model)
     lsp, tok, acc = cfg.lsp, s.tokenizer, s.accelerator
 
     torch.manual_seed(cfg.train.seed)
@@ -115,7 +114,7 @@ def run(cfg: RunConfig, *, force: bool = False) -> list[dict]:
     s.logger.close()
     del model, engine  # both hold the prepared policy
     stages.release(s)
-    return write_report(s.run_dir, cfg, main=s.main)
+    return stages.end_run(s, s.run_dir.final_model)
 
 
 def check_data_parallel(accelerator) -> None:
