@@ -69,7 +69,7 @@ def data_line(cfg: RunConfig) -> str:
         source = f"prompts from `{cfg.lsp.prompts}`" if cfg.lsp.query_source == "data" else \
             "no training data: the model writes its own queries (challenger) and answers them (solver)"
         return f"{source}; reward: {cfg.lsp.reward.kind}"
-    rows = "all rows" if cfg.data.num_prompts is None else f"the first {cfg.data.num_prompts} rows (shuffled)"
+    rows = "all rows" if cfg.data.num_prompts is None else f"the first {cfg.data.num_prompts} rows after shuffling"
     return f"`{cfg.data.source}` (split `{cfg.data.split}`, {rows})"
 
 
@@ -78,7 +78,7 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def model_card(run_dir: RunDir, cfg: RunConfig, *, title: str | None = None, table: str | None = None,
+def model_card(cfg: RunConfig, *, title: str | None = None, table: str | None = None,
                plot: bool = False):
     """The model card (README.md) of the run's model: metadata (library, tags, base model and data set
     when they are Hub ids), what trained it, on what, the results ``table`` and plot, and the config."""
@@ -104,7 +104,7 @@ def model_card(run_dir: RunDir, cfg: RunConfig, *, title: str | None = None, tab
         lines += ["## Results", "", "One row per model (θ0 first), from the run's results.md.", "", table, ""]
     if plot:
         lines += ["![held-out metric and training signal of the run](plot.png)", ""]
-    lines += ["## Config", "", "Run again with `sparring run config.yaml`:", "", "```yaml", dump_yaml(cfg).rstrip(),
+    lines += ["## Config", "", "The run's config.yaml (`sparring run config.yaml` runs it again):", "", "```yaml", dump_yaml(cfg).rstrip(),
               "```", ""]
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))
 
@@ -132,7 +132,7 @@ def push_run(run_dir: RunDir, cfg: RunConfig, folder: Path | None = None, *, api
     """The finished run's final model, its card (with results.md's table and plot.png), to the Hub."""
     folder = folder or final_model(run_dir, cfg)
     table = results_table(run_dir)
-    card = model_card(run_dir, cfg, table=table, plot=run_dir.plot.exists())
+    card = model_card(cfg, table=table, plot=run_dir.plot.exists())
     url = push_folder(folder, cfg, card, revision=cfg.hub.revision, api=api, plot=run_dir.plot,
                       message=f"sparring: {cfg.method} run {Path(cfg.output_dir).name}")
     print(f"pushed {folder} to {cfg.hub.repo_id}: {url}")
@@ -148,7 +148,7 @@ def push_iteration(run_dir: RunDir, cfg: RunConfig, t: int, *, api=None) -> str:
     """θ_{t+1} (``run_dir.model(t)``), after iteration t, to the branch ``iteration_revision(t)``."""
     revision = iteration_revision(t)
     name = f"{cfg.hub.repo_id} @ {revision}"
-    card = model_card(run_dir, cfg, title=f"{name}: θ_{t + 1}, after iteration {t}")
+    card = model_card(cfg, title=f"{name}: θ_{t + 1}, after iteration {t}")
     url = push_folder(run_dir.model(t), cfg, card, revision=revision, api=api,
                       message=f"sparring: {cfg.method} iteration {t} (θ_{t + 1})")
     print(f"pushed {run_dir.model(t)} to {name}: {url}")
