@@ -56,7 +56,7 @@ def test_spin_page_holds_table_answers_side_by_side_and_curves(tmp_path):
     for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/real", "logps/generated", "grad_norm", "lr"):
         assert f"aria-label='{key}'" in page, key
     assert "aria-label='rewards/real'" not in page and "lsp/not_spin" not in page  # not logged / not SPIN's
-    assert "aria-label='train log-probs: real vs generated'" in page
+    assert "aria-label='train log-probs'" in page and ">logps/generated</text>" in page  # with a legend
     assert "aria-label='held-out real log-prob per token'" in page and ">θ1</text>" in page
     # Iteration 1 starts after iteration 0's 3 recorded steps: one boundary per chart of the global step.
     assert page.count(">iter 1</text>") == 8 and ">iter 0</text>" not in page

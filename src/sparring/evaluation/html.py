@@ -194,7 +194,7 @@ def logps_section(points: list[tuple[float, dict]], marks: list[tuple[float, str
     charts = []
     pairs = {k: series(points, k) for k in ("logps/real", "logps/generated") if has(points, k)}
     if pairs:
-        charts.append(chart(pairs, "train log-probs: real vs generated", "global step", marks))
+        charts.append(chart(pairs, "train log-probs", "global step", marks))
     xs = [r["step"] if lsp else (0 if r["iteration"] is None else r["iteration"] + 1) for r in rows]
     held = [(x, number(r.get("logps_real_per_token"))) for x, r in zip(xs, rows)
             if number(r.get("logps_real_per_token")) is not None]
@@ -273,19 +273,27 @@ def chart(lines: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
     for x, label in marks:
         out.append(f"<line x1='{sx(x):.1f}' x2='{sx(x):.1f}' y1='{PAD_TOP}' y2='{bottom}' stroke='#999' "
                    f"stroke-dasharray='4 3'/><text x='{sx(x) + 3:.1f}' y='{PAD_TOP + 11}'>{escape(label)}</text>")
-    for k, (name, pts) in enumerate(lines.items()):
+    for k, pts in enumerate(lines.values()):
         color = COLORS[k % len(COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         out.append(f"<polyline points='{path}' fill='none' stroke='{color}' stroke-width='1.6'/>")
         if len(pts) <= 30:
             out += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='2.5' fill='{color}'/>" for x, y in pts]
-        if len(lines) > 1:
-            out.append(f"<rect x='{right - 154}' y='{PAD_TOP + 2 + 14 * k}' width='150' height='14' fill='#fff' "
-                       "fill-opacity='0.8'/>"
-                       f"<rect x='{right - 150}' y='{PAD_TOP + 6 + 14 * k}' width='10' height='3' fill='{color}'/>"
-                       f"<text x='{right - 136}' y='{PAD_TOP + 11 + 14 * k}'>{escape(name)}</text>")
+    if len(lines) > 1:
+        out += legend(list(lines), right)
     out.append("</svg>")
     return "\n".join(out)
+
+
+def legend(names: list[str], right: float) -> list[str]:
+    """One colour swatch and name per series, right-aligned in the title row."""
+    out, x = [], right
+    for k in reversed(range(len(names))):
+        x -= 16 + 6.2 * len(names[k])  # about the width of 11px text
+        out.append(f"<rect x='{x:.1f}' y='10' width='10' height='3' fill='{COLORS[k % len(COLORS)]}'/>"
+                   f"<text x='{x + 14:.1f}' y='15'>{escape(names[k])}</text>")
+        x -= 10
+    return out
 
 
 def span(values: list[float]) -> tuple[float, float]:
