@@ -44,3 +44,10 @@ def tiny_overrides(ground: dict[str, str], out: Path, *, data: bool = True) -> l
         *([f"data.source={ground['train']}"] if data else []),
         f"eval.source={ground['eval']}",
     ]
+
+
+def small_model(tok, seed: int = 0):
+    """A fresh 1-layer Llama of hidden size 32 on the character tokenizer ``tok`` (unit tests)."""
+    from sparring.tasks import build_tiny_model
+
+    return build_tiny_model(tok, hidden_size=32, layers=1, heads=2, seed=seed)

@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 import torch
+from tests.conftest import small_model
 
 from sparring.algorithms.lsp.prompts import CHALLENGER_PROMPT, challenger_prompt, user_turn
 from sparring.algorithms.lsp.rollouts import Reference, Rollouts, policy_gradient, sample_rollouts, score_rewards
@@ -14,18 +15,8 @@ from sparring.config import ConfigError, LspConfig, LspRewardConfig, load_config
 from sparring.data import encode
 from sparring.losses import lsp_advantages, lsp_loss
 from sparring.rewards import ProvingGroundVerifier, RewardBatch, UserReward
-from sparring.tasks import build_tiny_model, build_tokenizer
 
 TINY = "configs/lsp/tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-def tiny_model(tok, seed=0):
-    return build_tiny_model(tok, hidden_size=32, layers=1, heads=2, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +190,7 @@ def test_challenger_prompt_fills_slots_and_keeps_the_four_parts():
 
 def test_challenger_is_conditioned_on_cp_and_solver_is_not(tok):
     lsp = small_lsp(challenger_prompt="Ask one new question.")
-    r = sample_rollouts(tiny_model(tok), tok, lsp, seed=1, step=3, batch_size=4)
+    r = sample_rollouts(small_model(tok), tok, lsp, seed=1, step=3, batch_size=4)
     cp_ids = encode(tok, user_turn("Ask one new question."))[0]
     assert len(r.queries) == 3 and len(r.answers) == 6 and r.group_size == 2
     for (prompt, query_ids), q in zip(r.challenger_sequences(), r.queries):
@@ -211,17 +202,17 @@ def test_challenger_is_conditioned_on_cp_and_solver_is_not(tok):
         assert "Ask one new question." not in tok.decode(prompt)
         assert answer_ids == r.answer_ids[k]
     # seeded by (seed, step, role): the same step redraws the same rollouts, another step does not
-    again = sample_rollouts(tiny_model(tok), tok, lsp, seed=1, step=3, batch_size=4)
+    again = sample_rollouts(small_model(tok), tok, lsp, seed=1, step=3, batch_size=4)
     assert again.query_ids == r.query_ids and again.answer_ids == r.answer_ids
-    other = sample_rollouts(tiny_model(tok), tok, lsp, seed=1, step=4, batch_size=4)
+    other = sample_rollouts(small_model(tok), tok, lsp, seed=1, step=4, batch_size=4)
     assert other.query_ids != r.query_ids
 
 
 @pytest.mark.parametrize("estimator", ["k3", "reward"])
 def test_kl_is_exactly_zero_at_initialisation(tok, accelerator, estimator):
     lsp = small_lsp(kl_estimator=estimator)
-    model = tiny_model(tok)
-    reference = Reference(copy=tiny_model(tok))
+    model = small_model(tok)
+    reference = Reference(copy=small_model(tok))
     r = sample_rollouts(model, tok, lsp, seed=0, step=1, batch_size=8)
     adv = lsp_advantages(torch.rand(3, 2, dtype=torch.float64))
     sol, ch = policy_gradient(model, reference, r, adv, lsp, pad_id=tok.pad_token_id, batch_size=2,
@@ -239,14 +230,14 @@ def test_kl_is_exactly_zero_at_initialisation(tok, accelerator, estimator):
 @pytest.mark.parametrize("lora", [False, True])
 def test_reference_is_unchanged_by_a_step(tok, accelerator, lora):
     lsp = small_lsp()
-    model = tiny_model(tok)
+    model = small_model(tok)
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         reference = Reference(peft_policy=model)
     else:
-        reference = Reference(copy=tiny_model(tok))
+        reference = Reference(copy=small_model(tok))
     before = state_hash(reference.frozen_state())
     policy_before = state_hash({k: v for k, v in model.state_dict().items()})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -302,7 +293,7 @@ def hand_grpo_gradient(model, ref, prompts, answers, rewards, beta, keep=None):
 
 
 def test_solver_update_is_grpo_without_std_scaling_when_challenger_off(tok, accelerator):
-    model, ref = tiny_model(tok, seed=1), tiny_model(tok, seed=1)
+    model, ref = small_model(tok, seed=1), small_model(tok, seed=1)
     with torch.no_grad():  # θ ≠ θ_Ref, so the KL term has a gradient too
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -329,7 +320,7 @@ def test_solver_update_is_grpo_without_std_scaling_when_challenger_off(tok, acce
 
 
 def test_dropped_answers_get_no_gradient(tok, accelerator):
-    model, ref = tiny_model(tok, seed=1), tiny_model(tok, seed=1)
+    model, ref = small_model(tok, seed=1), small_model(tok, seed=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -360,7 +351,7 @@ def hand_token_logps(model, seqs, temperature: float) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 def test_logps_and_kl_are_those_of_the_sampling_temperature(tok, accelerator, temperature):
-    model, ref = tiny_model(tok, seed=4), tiny_model(tok, seed=4)
+    model, ref = small_model(tok, seed=4), small_model(tok, seed=4)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -379,14 +370,14 @@ def test_logps_and_kl_are_those_of_the_sampling_temperature(tok, accelerator, te
 
 
 def test_rollouts_run_in_eval_mode_and_the_update_in_training_mode(tok, accelerator):
-    model = tiny_model(tok).train()
+    model = small_model(tok).train()
     modes = []
     model.register_forward_pre_hook(lambda m, args: modes.append((m.training, torch.is_grad_enabled())))
     r = sample_rollouts(model, tok, small_lsp(), seed=0, step=1, batch_size=8)
     assert modes and not any(training for training, _ in modes)
     model.eval()  # as from_pretrained and the held-out evaluation leave it
     modes.clear()
-    policy_gradient(model, Reference(copy=tiny_model(tok)), r, lsp_advantages(torch.rand(3, 2)), small_lsp(),
+    policy_gradient(model, Reference(copy=small_model(tok)), r, lsp_advantages(torch.rand(3, 2)), small_lsp(),
                     pad_id=tok.pad_token_id, batch_size=4, accelerator=accelerator)
     assert modes == [(True, True)] * 3  # 2 solver and 1 challenger micro-batches, gradient checkpointing live
 
@@ -403,7 +394,7 @@ def test_evaluation_leaves_the_policy_in_training_mode(tok, monkeypatch, tmp_pat
         model.eval()
 
     monkeypatch.setattr(stages, "evaluate_stage", evaluate_stage)
-    model = tiny_model(tok).train()
+    model = small_model(tok).train()
     lsp_algorithm.evaluate(SimpleNamespace(cfg=RunConfig(), main=True, run_dir=RunDir(tmp_path)), model, 0)
     assert model.training
 
@@ -412,7 +403,7 @@ def test_micro_batched_gradient_equals_lsp_loss_on_the_whole_batch(tok, accelera
     from sparring.logprobs import collate, forward_logits, token_logps
     from sparring.losses import kl_k3
 
-    model, ref = tiny_model(tok, seed=2), tiny_model(tok, seed=2)
+    model, ref = small_model(tok, seed=2), small_model(tok, seed=2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -460,7 +451,7 @@ def test_reward_model_kind_scores_rollouts(tok, tmp_path):
     lsp = small_lsp()
     lsp.reward.kind, lsp.reward.reward_model = "reward_model", str(tmp_path / "rm")
     reward_fn = make_reward(lsp, device="cpu", dtype=torch.float32)
-    r = sample_rollouts(tiny_model(tok), tok, lsp, seed=0, step=1, batch_size=8)
+    r = sample_rollouts(small_model(tok), tok, lsp, seed=0, step=1, batch_size=8)
     scored = score_rewards(reward_fn, r, LspRewardConfig(invalid_query_reward=9.0))
     assert scored.rewards.shape == (3, 2) and all(scored.batch.valid) and scored.rewards.std() > 0
     assert isinstance(scored.batch, RewardBatch)

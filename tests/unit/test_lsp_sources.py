@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tests.conftest import small_model
 
 from sparring.algorithms.lsp.prompts import (
     challenger_prompt,
@@ -22,18 +23,8 @@ from sparring.data.records import DataError
 from sparring.losses import lsp_advantages
 from sparring.losses.lsp import group_signal
 from sparring.rewards import ProvingGroundVerifier
-from sparring.tasks import build_tiny_model, build_tokenizer
 
 TINY = "configs/lsp/tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-def tiny_model(tok, seed=0):
-    return build_tiny_model(tok, hidden_size=32, layers=1, heads=2, seed=seed)
 
 
 @pytest.fixture
@@ -82,22 +73,22 @@ def test_load_prompts_keeps_the_conversation_up_to_the_last_user_turn(prompts_fi
 def test_data_rollouts_take_the_steps_prompts_and_a_resume_repeats_them(tok, prompts_file):
     lsp = data_lsp(prompts_file)
     prompts = load_prompts(str(prompts_file))
-    r = sample_rollouts(tiny_model(tok), tok, lsp, seed=2, step=4, batch_size=4, prompts=prompts)
+    r = sample_rollouts(small_model(tok), tok, lsp, seed=2, step=4, batch_size=4, prompts=prompts)
     chosen = [prompts[i] for i in prompt_indices(len(prompts), 3, seed=2, step=4)]
     assert r.queries == [p[-1]["content"] for p in chosen]  # q_i for the reward: the last user turn
     assert r.solver_prompt_ids == [encode(tok, p)[0] for p in chosen]  # rendered whole (system turn included)
     assert len(r.answers) == 6 and r.challenger_prompt_ids == []
-    again = sample_rollouts(tiny_model(tok), tok, lsp, seed=2, step=4, batch_size=4, prompts=prompts)
+    again = sample_rollouts(small_model(tok), tok, lsp, seed=2, step=4, batch_size=4, prompts=prompts)
     assert again.queries == r.queries and again.answer_ids == r.answer_ids
     with pytest.raises(ValueError, match="needs the prompts"):
-        sample_rollouts(tiny_model(tok), tok, lsp, seed=2, step=4, batch_size=4)
+        sample_rollouts(small_model(tok), tok, lsp, seed=2, step=4, batch_size=4)
 
 
 def test_grpo_on_data_prompts_has_no_challenger_loss(tok, prompts_file):
     from accelerate import Accelerator
 
     lsp = data_lsp(prompts_file)
-    model, ref = tiny_model(tok, seed=1), tiny_model(tok, seed=1)
+    model, ref = small_model(tok, seed=1), small_model(tok, seed=1)
     r = sample_rollouts(model, tok, lsp, seed=0, step=1, batch_size=8, prompts=load_prompts(str(prompts_file)))
     scored = score_rewards(ProvingGroundVerifier(), r, LspRewardConfig())
     rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
@@ -137,7 +128,7 @@ def test_difficulties_are_cycled_over_the_queries_and_fill_their_prompts(tok):
     assert query_difficulties(lsp) == ["2", "3", "2", "3", "2"]
     assert challenger_prompt(lsp, "3") == "Add two 3-digit numbers."
     assert challenger_prompt(lsp) == "Add two {difficulty}-digit numbers."  # no difficulty: left as written
-    r = sample_rollouts(tiny_model(tok), tok, lsp, seed=0, step=1, batch_size=8)
+    r = sample_rollouts(small_model(tok), tok, lsp, seed=0, step=1, batch_size=8)
     for i, (prompt, query_ids) in enumerate(r.challenger_sequences()):
         # the challenger is scored on its query conditioned on the prompt that asked for its difficulty
         assert prompt == encode(tok, user_turn(f"Add two {'23'[i % 2]}-digit numbers."))[0]

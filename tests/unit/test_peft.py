@@ -7,15 +7,10 @@ import torch
 
 from sparring.config import ConfigError, ModelConfig, PeftConfig, load_config
 from sparring.modeling import add_adapters, check_peft, is_peft_model, load_model, merge_adapters
-from sparring.tasks import build_tiny_model, build_tokenizer
+from sparring.tasks import build_tiny_model
 
 LSP, SPIN = "configs/lsp/tiny.yaml", "configs/spin/tiny.yaml"
 PEFT = PeftConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture
