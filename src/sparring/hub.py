@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparring.config import RunConfig, dump_yaml
+from sparring.config import ConfigError, RunConfig, dump_yaml
 from sparring.state import RunDir
 
 
@@ -40,6 +40,19 @@ PAPERS = {
     "lsp": Paper("Language Self-Play For Data-Free Training", "Kuba et al.", "2025", "2509.07414"),
 }
 METHOD_NAMES = {"spin": "SPIN", "tspin": "T-SPIN", "tpaw": "TPAW", "lsp": "LSP", "sft": "SFT"}
+
+
+def check_can_push(cfg: RunConfig) -> None:
+    """With hub.push, refuse a run that could not push at its end (offline, or no token) before it trains."""
+    if not cfg.hub.push:
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.is_offline_mode():
+        raise ConfigError("hub.push needs the Hub, but HF_HUB_OFFLINE is set: unset it, or set hub.push=false")
+    if get_token() is None:
+        raise ConfigError("hub.push needs a Hugging Face token: set HF_TOKEN or run `hf auth login` (the config never "
+                          "holds one)")
 
 
 def final_model(run_dir: RunDir, cfg: RunConfig) -> Path:

@@ -20,6 +20,7 @@ from sparring.data.dataset import TrainingSet, load_training_set
 from sparring.evaluation import evaluate_with_answers, load_eval_set
 from sparring.evaluation.report import write_report
 from sparring.generation import HFGenerator, SamplingParams, batch_seed, generate_responses
+from sparring.hub import check_can_push
 from sparring.modeling import (
     add_adapters,
     check_peft,
@@ -55,6 +56,7 @@ def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True)
     """Hold the run directory (main process), create or reopen the run, load tokenizer and data."""
     from accelerate.utils import broadcast_object_list
 
+    check_can_push(cfg)  # a push that would fail at the end is refused before the run starts
     accelerator = make_accelerator(cfg)
     run_dir = RunDir(cfg.output_dir)
     refused = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import REPO, tiny_overrides
 from tests.unit.test_hub import FakeHub
-from tests.unit.test_trackers import wandb_records
+from tests.unit.test_trackers import offline_wandb, wandb_records
 
 from sparring.cli import main
 
@@ -22,12 +22,10 @@ PUSH = ["logging.report_to=[tensorboard,wandb]", "logging.project=tiny", "hub.pu
 
 
 def test_a_tiny_run_logs_to_wandb_and_pushes_its_models_with_a_card(tiny_ground, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    offline_wandb(monkeypatch, tmp_path)
     api = FakeHub(tmp_path / "remote")
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: api)
+    monkeypatch.setattr("sparring.stages.check_can_push", lambda cfg: None)  # offline, no token: the stand-in needs none
     out = tmp_path / "run"
     args = ["run", CONFIG, *tiny_overrides(tiny_ground, out), *SMALL, *PUSH]
     assert main(args) == 0

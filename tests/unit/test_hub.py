@@ -138,3 +138,19 @@ def test_hub_settings_that_cannot_push_are_config_errors(tmp_path, overrides, me
 def test_push_iterations_is_refused_for_a_method_without_iterations(tmp_path):
     with pytest.raises(ConfigError, match="lsp has no iterations to push"):
         run_config(tmp_path, "lsp", "hub.push_iterations=true")
+
+
+def test_a_run_that_could_not_push_at_its_end_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cfg = run_config(tmp_path, "spin")
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        hub.check_can_push(cfg)
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ConfigError, match="needs a Hugging Face token"):
+        hub.check_can_push(cfg)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stand_in")
+    hub.check_can_push(cfg)
+    hub.check_can_push(run_config(tmp_path, "spin", "hub.push=false"))  # nothing to check without a push

@@ -105,11 +105,17 @@ def wandb_records(run_dir: Path):
             buf = b""
 
 
-def test_wandb_offline_run_holds_the_config_and_the_metrics_at_the_global_step(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def offline_wandb(monkeypatch, folder: Path) -> None:
+    """wandb in offline mode, writing under ``folder``: its settings are read again (``wandb.teardown``)."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads WANDB_* once per process, at its first run
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(folder))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_offline_run_holds_the_config_and_the_metrics_at_the_global_step(tmp_path, monkeypatch):
+    offline_wandb(monkeypatch, tmp_path)
     cfg = config(tmp_path, "logging.report_to=[wandb]", "logging.project=tiny-project")
     session(cfg, 1, (1, 2, 3)).finish()
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
