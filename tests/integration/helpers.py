@@ -66,3 +66,16 @@ def install_probe(mp, probe) -> None:
 
     for name in ("load_model", "generate", "train"):
         mp.setattr(sparring.stages, name, getattr(probe, name)(getattr(sparring.stages, name)))
+
+
+# The LSP tests' task reward, a module on a folder of sys.path: deterministic, with a non-zero signal even
+# for nonsense queries (the tests' tiny model was not taught the challenger role, so the verifier would
+# mark every query invalid).
+REWARD_MODULE = "def reward(query, answer):\n    return float(len(answer) % 3) + 0.1 * len(query)\n"
+
+
+def write_reward_module(folder: Path) -> Path:
+    """``folder/lsp_test_reward.py`` (``lsp.reward.function=lsp_test_reward:reward``); returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lsp_test_reward.py").write_text(REWARD_MODULE)
+    return folder

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from tests.conftest import REPO, tiny_overrides
-from tests.integration.helpers import rows
+from tests.integration.helpers import rows, write_reward_module
 
 import sparring.algorithms.lsp
 import sparring.stages
@@ -27,7 +27,7 @@ SMALL = ["data.num_prompts=16", "generation.max_new_tokens=10", "generation.batc
          "train.logprob_batch_size=8", "train.save_steps=2", "eval.num_examples=8", "eval.max_new_tokens=10"]
 LSP = ["eval.num_examples=8", "lsp.steps=2", "lsp.num_queries=2", "lsp.answers_per_query=2",
        "lsp.query_max_new_tokens=12", "lsp.answer_max_new_tokens=8", "lsp.eval_every=2", "lsp.save_every=1",
-       "lsp.sample_every=2", "lsp.reward.kind=function", "lsp.reward.function=lora_test_reward:reward"]
+       "lsp.sample_every=2", "lsp.reward.kind=function", "lsp.reward.function=lsp_test_reward:reward"]
 RUNS = {  # method: (extra overrides, the saved iterates θ_1, θ_2, … relative to the run folder)
     "spin": (["spin.iterations=2"], ["iter_000/model", "iter_001/model"]),
     "tspin": (["tspin.iterations=2"], ["iter_000/model", "iter_001/model"]),
@@ -66,7 +66,7 @@ class MergeProbe:
 def lora_run(request, tiny_ground, tmp_path_factory):
     method = request.param
     root = tmp_path_factory.mktemp(f"lora-{method}")
-    (root / "lora_test_reward.py").write_text("def reward(query, answer):\n    return float(len(answer) % 3) + 0.1 * len(query)\n")
+    write_reward_module(root)
     config = str(REPO / "configs" / method / "tiny.yaml")
     extra, saved = RUNS[method]
     args = ["run", config, *tiny_overrides(tiny_ground, root / "run", data=method != "lsp"), *(SMALL if method != "lsp" else []),

@@ -22,20 +22,6 @@ from sparring.tasks import solve
 CONFIG = str(REPO / "configs" / "lsp" / "tiny.yaml")
 SELF_REWARD = str(REPO / "configs" / "lsp" / "tiny-self-reward.yaml")
 
-# A deterministic task reward with a non-zero signal even for nonsense queries (the tests' tiny model
-# was not taught the challenger role, so the verifier would mark every query invalid).
-REWARD_MODULE = "def reward(query, answer):\n    return float(len(answer) % 3) + 0.1 * len(query)\n"
-
-
-@pytest.fixture
-def reward_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "reward_pkg"
-    folder.mkdir()
-    (folder / "lsp_test_reward.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
-
-
 def overrides(ground, out: Path, *extra: str) -> list[str]:
     return tiny_overrides(ground, out, data=False) + [
         "eval.num_examples=8", "lsp.steps=4", "lsp.num_queries=2", "lsp.answers_per_query=2",

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tests.conftest import REPO
-from tests.integration.helpers import assert_same_weights, rows, weights
-from tests.integration.test_lsp import CONFIG, REWARD_MODULE, SELF_REWARD, lsp_rows, overrides
+from tests.integration.helpers import assert_same_weights, rows, weights, write_reward_module
+from tests.integration.test_lsp import CONFIG, SELF_REWARD, lsp_rows, overrides
 from tests.integration.test_multiprocess import ENV, torchrun_cmd
 
 from sparring.cli import main
@@ -37,9 +37,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("reward_pkg")
-    (folder / "lsp_test_reward.py").write_text(REWARD_MODULE)
-    return folder
+    return write_reward_module(tmp_path_factory.mktemp("reward_pkg"))
 
 
 def env_with(reward_dir: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.integration.helpers import rows, spawn, weights
-from tests.integration.test_lsp import CONFIG, REWARD_MODULE, lsp_rows, overrides
+from tests.integration.test_lsp import CONFIG, lsp_rows, overrides
 
 import sparring.algorithms.lsp as lsp_algorithm
 import sparring.algorithms.lsp.rollouts as lsp_rollouts
@@ -26,16 +26,6 @@ pytestmark = pytest.mark.slow
 # The tests' function reward (its tiny model was not taught the challenger role: with the verifier
 # every query would be invalid and nothing would train).
 REWARD = ["lsp.reward.kind=function", "lsp.reward.function=lsp_test_reward:reward", "train.lr=0.01"]
-
-
-@pytest.fixture
-def reward_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "reward_pkg"
-    folder.mkdir()
-    (folder / "lsp_test_reward.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", str(folder))  # for the subprocess runs
-    return folder
 
 
 def test_sigterm_checkpoints_exits_preempted_and_the_rerun_matches_an_uninterrupted_run(tiny_ground, tmp_path, reward_dir):
