@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sparring.config import ConfigError, LoggingConfig
+from sparring.config import ConfigError, LoggingConfig, RunConfig, flat_reads
 
 TENSORBOARD = "sparring_tensorboard"  # the name RunTensorBoard is registered under
 # The init_trackers keyword that names the run, per tracker (TensorBoard's run is the RUN/tb folder).
@@ -110,13 +111,9 @@ class Trackers:
         self.started = False
 
 
-def run_trackers(accelerator, cfg) -> Trackers:
+def run_trackers(accelerator, cfg: RunConfig) -> Trackers:
     """The trackers of run ``cfg``: its logging: section, its output_dir's name as the default run
     name, and the fields the run reads as the recorded config."""
-    from pathlib import Path
-
-    from sparring.config import flat_reads
-
     logging = cfg.logging
     return Trackers(accelerator, project=logging.project, run_name=logging.run_name or Path(cfg.output_dir).name,
                     config=flat_reads(cfg))
