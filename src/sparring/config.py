@@ -406,7 +406,7 @@ PER_ITERATION_FIELDS = (
     "generation",
     # training/loop.py train() and training/optim.py, given icfg.train
     "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.lr_scheduler", "train.epochs",
-    "train.batch_size", "train.grad_accum", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
+    "train.batch_size", "train.grad_accum", "train.group_by_length", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
     "train.on_nonfinite",
     # score_sequences: SPIN's opponent and TPAW's team log-prob passes
     "train.logprob_batch_size",

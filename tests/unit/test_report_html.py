@@ -95,6 +95,7 @@ def test_lsp_page_shows_samples_per_step_and_lsp_curves(tmp_path):
 def test_chart_axes():
     assert ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
     assert ticks(1, 12, 6, integer=True) == [2, 4, 6, 8, 10, 12]
+    assert ticks(0.95, 1.05, 6, integer=True) == [1]  # a one-step run: one whole-number tick
     assert labels([-2.184, -2.182, -2.18]) == ["-2.184", "-2.182", "-2.18"]  # 3 digits would repeat -2.18
     svg = chart({"a": [(1, 5.0)], "b": [(2, 5.0)]}, "one value", "step", [(1.5, "iter 1")])  # a flat line
     assert svg.count("<circle") == 2 and "iter 1" in svg and ">a</text>" in svg and ">b</text>" in svg

@@ -310,7 +310,8 @@ def ticks(low: float, high: float, count: int = 5, *, integer: bool = False) -> 
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     steps = [m * magnitude for m in (1, 2, 2.5, 5, 10)]
-    step = next(m for m in steps if m >= raw and (not integer or m >= 1 and m == int(m)))
+    fits = [m for m in steps if m >= raw and (not integer or m >= 1 and m == int(m))]
+    step = fits[0] if fits else max(1, math.ceil(raw))  # whole numbers over a span shorter than count
     first = math.ceil(low / step) * step
     return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
 
