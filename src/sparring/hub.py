@@ -35,8 +35,8 @@ class Paper:
 PAPERS = {
     "spin": Paper("Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models", "Chen et al.",
                   "ICML 2024", "2401.01335"),
-    "tspin": Paper("Triplet-based Self-Play Fine-Tuning", "Wang et al.", "NeurIPS 2025", "2601.08198"),
-    "tpaw": Paper("Team-based Self-Play with Dual Adaptive Weighting", "Li et al.", "ACL 2026", "2605.09922"),
+    "tspin": Paper("Triplets Better Than Pairs: Towards Stable and Effective Self-Play Fine-Tuning for LLMs", "Wang et al.", "NeurIPS 2025", "2601.08198"),
+    "tpaw": Paper("Team-Based Self-Play With Dual Adaptive Weighting for Fine-Tuning LLMs", "Li et al.", "ACL 2026", "2605.09922"),
     "lsp": Paper("Language Self-Play For Data-Free Training", "Kuba et al.", "2025", "2509.07414"),
 }
 METHOD_NAMES = {"spin": "SPIN", "tspin": "T-SPIN", "tpaw": "TPAW", "lsp": "LSP", "sft": "SFT"}

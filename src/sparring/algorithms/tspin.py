@@ -1,4 +1,5 @@
-"""T-SPIN: Triplet-based Self-Play Fine-Tuning (Wang et al., NeurIPS 2025, arXiv 2601.08198).
+"""T-SPIN: Triplets Better Than Pairs: Towards Stable and Effective Self-Play Fine-Tuning for LLMs (Wang et al.,
+NeurIPS 2025, arXiv 2601.08198).
 
 Once, before iteration 0, θ_0 samples one proto-synthetic response y₀ per prompt (iter_000/proto.jsonl,
 never regenerated). Then for iteration t = 0 … T−1:
