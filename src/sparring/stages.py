@@ -303,6 +303,8 @@ def save_pretrained(s: Session, model, target: Path, base: str | Path | None = N
         shutil.rmtree(tmp, ignore_errors=True)
     s.accelerator.wait_for_everyone()
     unwrapped.save_pretrained(tmp, is_main_process=s.main, save_function=s.accelerator.save, state_dict=state_dict)
+    # Every process is done with tmp (save_pretrained lists the folder on every rank) before it is renamed.
+    s.accelerator.wait_for_everyone()
     if s.main:
         s.tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)

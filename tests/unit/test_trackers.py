@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,18 @@ def wandb_records(run_dir: Path):
             buf = b""
 
 
+def settled_records(run_dir: Path, timeout: float = 20.0) -> list:
+    """The run's records once its file holds the run record and the summary: wandb's service process
+    may still be writing the file when ``finish`` returns, on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(run_dir))
+        kinds = {r.WhichOneof("record_type") for r in records}
+        if {"run", "summary"} <= kinds or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_wandb(monkeypatch, folder: Path) -> None:
     """wandb in offline mode, writing under ``folder``: its settings are read again (``wandb.teardown``)."""
     wandb = pytest.importorskip("wandb")
@@ -119,7 +132,7 @@ def test_wandb_offline_run_holds_the_config_and_the_metrics_at_the_global_step(t
     cfg = config(tmp_path, "logging.report_to=[wandb]", "logging.project=tiny-project")
     session(cfg, 1, (1, 2, 3)).finish()
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
-    records = list(wandb_records(offline))
+    records = settled_records(offline)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.project, run.display_name) == ("tiny-project", "run")  # run name: the output_dir's name
     settings = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config"
