@@ -3,9 +3,10 @@
 ``spin_vs_trl_dpo.py`` compares the two on the proving ground (a character tokenizer, 96-token rows).
 This script measures the same things at the shapes a real SPIN run has, in one run:
 
-1. one training pass (opponent log-probs + one epoch) on identical pairs, four ways:
+1. one training pass (opponent log-probs + one epoch) on identical pairs, five ways:
    - ``sparring``: ``score_sequences`` (the opponent pass) then ``train`` with ``spin_step``, from ids,
      with ``train.group_by_length``; ``sparring-plain``: the same without it (batches in seeded random order);
+     ``sparring-shared``: with ``train.share_prompt`` too (each prompt once for its real and generated response);
    - ``trl-default``: TRL's ``DPOTrainer`` as documented for this use (``precompute_ref_log_probs=True``,
      ``loss_type=["sigmoid"]``), everything else at TRL's defaults but ``bf16=False`` (fp32 on both sides);
    - ``trl-best``: the same plus every ``DPOConfig`` option that cuts work and runs on a CPU (``TRL_BEST``:
@@ -208,7 +209,8 @@ class CountingCollate:
         return batch
 
 
-def run_sparring(folder: Path, opts: dict, pairs_count: int, group_by_length: bool = True) -> dict:
+def run_sparring(folder: Path, opts: dict, pairs_count: int, group_by_length: bool = True,
+                 share_prompt: bool = False) -> dict:
     from functools import partial
 
     from accelerate import Accelerator
@@ -234,7 +236,8 @@ def run_sparring(folder: Path, opts: dict, pairs_count: int, group_by_length: bo
     records = [PairRecord(p["prompt_ids"], p["real_ids"], p["generated_ids"], logps[i], logps[n + i])
                for i, p in enumerate(pairs)]
     scored = time.perf_counter()
-    collate = CountingCollate(partial(collate_pairs, pad_id=tok.pad_token_id), lambda b: b.sequences.input_ids)
+    collate = CountingCollate(partial(collate_pairs, pad_id=tok.pad_token_id, share_prompt=share_prompt),
+                              lambda b: b.sequences.input_ids)
     result = train(model, records, collate=collate, loss_step=partial(spin_step, scale=opts["beta"], kind="sigmoid"),
                    cfg=cfg, accelerator=Accelerator(cpu=True), folder=work, logger=MetricsLogger(work / "m.jsonl"),
                    log_fields={"iteration": 0})
@@ -242,7 +245,7 @@ def run_sparring(folder: Path, opts: dict, pairs_count: int, group_by_length: bo
     return {"seconds": end - start, "load": loaded - start, "reference": scored - loaded, "train": end - scored,
             "pass": end - loaded, "pairs": n, "steps": result.steps, "train_positions": collate.positions,
             "tokens": sum(len(a) + len(b) for a, b in items), "checkpointing": cfg.gradient_checkpointing,
-            "sampler": "length-grouped" if group_by_length else "randperm"}
+            "sampler": ("length-grouped" if group_by_length else "randperm") + (", prompt shared" if share_prompt else "")}
 
 
 def run_trl(folder: Path, opts: dict, best: bool) -> dict:
@@ -338,8 +341,9 @@ def child(job: str, folder: str, opts: dict, log: str) -> None:
     tempfile.tempdir = tempfile.mkdtemp(dir=folder_path)  # datasets' and TRL's temporary files: removed with it
     start_rss = rss_now_mib()
     kind, _, size = job.partition(":")
-    if kind in ("sparring", "sparring-plain"):
-        result = run_sparring(folder_path, opts, int(size or opts["pairs"]), group_by_length=kind == "sparring")
+    if kind in ("sparring", "sparring-plain", "sparring-shared"):
+        result = run_sparring(folder_path, opts, int(size or opts["pairs"]), group_by_length=kind != "sparring-plain",
+                              share_prompt=kind == "sparring-shared")
     elif kind in ("trl-default", "trl-best"):
         result = run_trl(folder_path, opts, best=kind == "trl-best")
     else:
@@ -413,7 +417,7 @@ def main() -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     scaling = [args.scaling_base * k for k in (1, 2, 4)]
-    jobs = ["sparring", "sparring-plain", "trl-default", "trl-best", "gen-sparring", "gen-loop"]
+    jobs = ["sparring", "sparring-plain", "sparring-shared", "trl-default", "trl-best", "gen-sparring", "gen-loop"]
     jobs += [f"sparring:{n}" for n in scaling if n != args.pairs]
     runs: dict[str, list[dict]] = {job: [] for job in jobs}
     for repeat in range(args.repeats):
@@ -441,16 +445,16 @@ def main() -> None:
     print(f"training: batch {args.batch} pairs, 1 epoch, AdamW lr {args.lr:g}, linear schedule, 10% warm-up, beta {args.beta:g}")
     print()
     print("1. one training pass (model load + opponent/reference log-probs + one epoch)")
-    print(f"{'':14} {'seconds':>8} {'load':>6} {'ref':>7} {'train':>7} {'steps':>5} {'positions':>10} "
+    print(f"{'':15} {'seconds':>8} {'load':>6} {'ref':>7} {'train':>7} {'steps':>5} {'positions':>10} "
           f"{'peak RSS MiB':>13} {'above start':>12}  checkpointing, batches")
-    for side in ("sparring", "sparring-plain", "trl-default", "trl-best"):
+    for side in ("sparring", "sparring-plain", "sparring-shared", "trl-default", "trl-best"):
         r = runs[side]
-        print(f"{side:14} {median(r, 'seconds'):8.1f} {median(r, 'load'):6.1f} {median(r, 'reference'):7.1f} "
+        print(f"{side:15} {median(r, 'seconds'):8.1f} {median(r, 'load'):6.1f} {median(r, 'reference'):7.1f} "
               f"{median(r, 'train'):7.1f} {r[0]['steps']:5d} {r[0]['train_positions']:10d} "
               f"{median(r, 'peak_rss_mib'):13.0f} {median(r, 'peak_rss_mib') - median(r, 'start_rss_mib'):12.0f}  "
               f"{'yes' if r[0]['checkpointing'] else 'no'}, {r[0]['sampler']}")
     s = runs["sparring"]
-    for side in ("sparring-plain", "trl-default", "trl-best"):
+    for side in ("sparring-plain", "sparring-shared", "trl-default", "trl-best"):
         t = runs[side]
         print(f"ratio sparring/{side}: time {median(s, 'seconds') / median(t, 'seconds'):.2f} "
               f"(pass without load {median(s, 'pass') / median(t, 'pass'):.2f}), peak memory "

@@ -96,6 +96,9 @@ class TrainConfig:
     # LENGTH_WINDOW micro-batches, each window sorted by record length and cut into micro-batches, and
     # the micro-batches shuffled (seeded). Every record once per epoch, as without it; resumable.
     group_by_length: bool = False
+    # SPIN, T-SPIN, TPAW: each prompt runs through the model once for all its responses ([x, y, ·, y′]
+    # with an attention bias, logprobs.SharedPrompt), not once per response; the same log-probs.
+    share_prompt: bool = False
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False
@@ -106,6 +109,18 @@ class TrainConfig:
     # A step whose loss (or gradient norm) is NaN/inf. error: stop with its records, keeping the last
     # good checkpoint; skip_step: no optimizer or schedule step for it, counted (skipped_steps in train rows).
     on_nonfinite: Literal["error", "skip_step"] = "error"
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks run on every evaluated model (evaluation.lm_eval; needs sparring[eval])."""
+
+    tasks: list[str] = field(default_factory=list)  # task, group or tag names of lm_eval; empty: off
+    include_path: str | None = None  # a folder of task YAMLs of your own, beside lm_eval's
+    num_fewshot: int | None = None  # None: each task's own count (0 where it sets none)
+    limit: int | float | None = None  # examples per task (a fraction below 1): for smoke runs; None: all
+    batch_size: int = 8
+    apply_chat_template: bool = False  # prompts through the tokenizer's chat template
 
 
 @dataclass
@@ -122,6 +137,7 @@ class EvalConfig:
     # The first K held-out prompts' greedy answers of every evaluated model, in eval/<label>.answers.jsonl
     # (report.html shows them side by side); 0: none.
     sample_prompts: int = 8
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -406,7 +422,7 @@ PER_ITERATION_FIELDS = (
     "generation",
     # training/loop.py train() and training/optim.py, given icfg.train
     "train.optimizer", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.lr_scheduler", "train.epochs",
-    "train.batch_size", "train.grad_accum", "train.group_by_length", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
+    "train.batch_size", "train.grad_accum", "train.group_by_length", "train.share_prompt", "train.max_grad_norm", "train.save_steps", "train.logging_steps",
     "train.on_nonfinite",
     # score_sequences: SPIN's opponent and TPAW's team log-prob passes
     "train.logprob_batch_size",
@@ -650,6 +666,7 @@ def validate(cfg: RunConfig, *, set_fields=None) -> None:
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
     _check_verifier(cfg.eval)
+    _validate_lm_eval(cfg.eval.lm_eval)
     _validate_logging(cfg.logging)
     _validate_hub(cfg)
     if not cfg.model.name_or_path:
@@ -672,6 +689,23 @@ def _check_verifier(ev: EvalConfig) -> None:
     if not ev.source:
         raise ConfigError(f"eval.verifier={ev.verifier} scores held-out answers, but eval.source is not set: "
                           "set eval.source (held-out rows), or remove eval.verifier")
+
+
+def _validate_lm_eval(lm: LmEvalConfig) -> None:
+    """eval.lm_eval: sizes in range, a folder that exists, and lm-evaluation-harness installed when tasks are set."""
+    if lm.num_fewshot is not None and lm.num_fewshot < 0:
+        raise ConfigError(f"eval.lm_eval.num_fewshot must be >= 0 (None: each task's own), got {lm.num_fewshot}")
+    if lm.limit is not None and not lm.limit > 0:
+        raise ConfigError(f"eval.lm_eval.limit must be > 0 (examples per task, or a fraction below 1; None: all), "
+                          f"got {lm.limit}")
+    if lm.batch_size < 1:
+        raise ConfigError(f"eval.lm_eval.batch_size must be >= 1, got {lm.batch_size}")
+    if lm.include_path is not None and not Path(lm.include_path).is_dir():
+        raise ConfigError(f"eval.lm_eval.include_path: {lm.include_path} is not a folder (of task YAMLs)")
+    if lm.tasks:
+        from sparring.evaluation.lm_eval import check_installed
+
+        check_installed()
 
 
 def _validate_logging(logging: LoggingConfig) -> None:

@@ -40,6 +40,111 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Sequences:
     return Sequences(ids, attention, response, positions)
 
 
+class SharedPrompt(NamedTuple):
+    """Rows [x, r_1, x_last, r_2, …, x_last, r_S]: one prompt x and its S responses in one sequence, each
+    response after the first behind a copy of x's last token, with an attention bias that lets every
+    response branch see x (all of x for r_1, x without its last token plus the copy for the others) and
+    itself but no other branch, and positions that restart at the prompt's end in every branch. Each
+    response is scored exactly as in its own sequence (x, r_s), and x runs through the model once."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens (what tokens/s counts)
+    attention_bias: torch.Tensor  # (B, 1, T, T) 0 where a query may attend to a key, dtype min elsewhere
+    position_ids: torch.Tensor  # (B, T)
+    segment: torch.Tensor  # (B, T) s on the tokens of response s (1 … S), 0 elsewhere
+
+
+def collate_shared(rows: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                   dtype: torch.dtype = torch.float32) -> SharedPrompt:
+    """(prompt ids, [response ids, …]) rows -> one right-padded SharedPrompt batch."""
+    layouts = [_shared_layout(p, responses) for p, responses in rows]
+    length = max(len(ids) for ids, _, _, _ in layouts)
+    b = len(rows)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    positions = torch.zeros((b, length), dtype=torch.long)
+    segment = torch.zeros((b, length), dtype=torch.long)
+    allowed = torch.zeros((b, length, length), dtype=torch.bool)
+    for i, (row_ids, row_pos, row_seg, row_allowed) in enumerate(layouts):
+        n = len(row_ids)
+        ids[i, :n], positions[i, :n], segment[i, :n] = (torch.tensor(v) for v in (row_ids, row_pos, row_seg))
+        attention[i, :n] = 1
+        allowed[i, :n, :n] = row_allowed
+        allowed[i, n:, 0] = True  # padding queries attend to something (no row of -inf: no NaN)
+    bias = torch.zeros((b, 1, length, length), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return SharedPrompt(ids, attention, bias, positions, segment)
+
+
+def _shared_layout(prompt: list[int], responses: list[list[int]]):
+    """One row of ``SharedPrompt``: its ids, positions, segments and (n, n) attention pattern."""
+    p = len(prompt)
+    ids, pos, seg, starts = list(prompt), list(range(p)), [0] * p, []
+    for s, response in enumerate(responses, 1):
+        if s > 1:  # the branch starts with a copy of x's last token, at x's last position
+            starts.append(len(ids))
+            ids.append(prompt[-1])
+            pos.append(p - 1)
+            seg.append(0)
+        ids += response
+        pos += list(range(p, p + len(response)))
+        seg += [s] * len(response)
+    n = len(ids)
+    causal = torch.ones((n, n), dtype=torch.bool).tril_()
+    allowed = torch.zeros((n, n), dtype=torch.bool)
+    first_end = p + len(responses[0])
+    allowed[:first_end, :first_end] = causal[:first_end, :first_end]
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else n
+        allowed[start:end, : p - 1] = True  # x but its last token, which the branch holds a copy of
+        allowed[start:end, start:end] = causal[: end - start, : end - start]
+    return ids, pos, seg, allowed
+
+
+def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: bool = False) -> torch.Tensor:
+    """L(r_s) = Σ_t log π(r_s,t | x, r_s,<t) for every response s of every row, (B, S); the same values
+    as ``sequence_logps`` on the (x, r_s) sequences. ``average`` divides by each response's length."""
+    keep = torch.zeros_like(batch.segment, dtype=torch.bool)
+    keep[:, :-1] = batch.segment[:, 1:] > 0  # positions whose next token is a response token
+    segment_of = batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) the response each scored token belongs to
+    targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,)
+    dtype = next(model.parameters()).dtype  # the bias in the model's dtype (bf16 / fp16 on a GPU)
+    bias = batch.attention_bias.to(dtype) if batch.attention_bias.dtype != dtype else batch.attention_bias
+    view = Sequences(batch.input_ids, bias, keep, batch.position_ids)
+    logits = forward_logits(model, view, keep)  # (N, V)
+    logps = selective_logps(logits[None], targets[None])[0]  # (N,)
+    slot = keep.nonzero()[:, 0] * responses + segment_of  # (N,) row · S + s
+    total = torch.zeros(keep.shape[0] * responses, dtype=logps.dtype, device=logps.device).index_add(0, slot, logps)
+    total = total.view(-1, responses)
+    if average:
+        counts = torch.zeros_like(total).view(-1).index_add(0, slot, torch.ones_like(logps)).view(-1, responses)
+        total = total / counts.clamp(min=1)
+    return total
+
+
+def collate_responses(rows: list[tuple[list[int], list[list[int]]]], pad_id: int, *,
+                      share_prompt: bool = False) -> Sequences | SharedPrompt:
+    """(prompt ids, [S response ids]) rows as one batch: S·B sequences (x, r_s), response 1 of every row
+    first, then response 2, …; or with ``share_prompt`` one ``SharedPrompt`` row per prompt."""
+    if share_prompt:
+        return collate_shared(rows, pad_id)
+    return collate([(p, rs[s]) for s in range(len(rows[0][1])) for p, rs in rows], pad_id)
+
+
+def response_logps(model, batch: Sequences | SharedPrompt, responses: int, *, average: bool = False):
+    """L_θ of each of the S responses of every row of a ``collate_responses`` batch: S tensors of (B,)."""
+    if isinstance(batch, SharedPrompt):
+        return shared_prompt_logps(model, batch, responses, average=average).unbind(-1)
+    return sequence_logps(model, batch, average=average).chunk(responses)
+
+
+def response_tokens(batch: Sequences | SharedPrompt, responses: int) -> torch.Tensor:
+    """(B, S): the scored tokens of each response of every row of a ``collate_responses`` batch."""
+    if isinstance(batch, SharedPrompt):
+        counts = torch.stack([(batch.segment == s + 1).sum(-1) for s in range(responses)], -1)
+        return counts
+    return scored_positions(batch).sum(-1).view(responses, -1).T
+
+
 def scored_positions(batch: Sequences) -> torch.Tensor:
     """(B, T) bool: positions t whose next token t+1 is a response token — the only logits needed."""
     keep = torch.zeros_like(batch.response_mask, dtype=torch.bool)

@@ -185,3 +185,20 @@ def test_nll_term_is_logged_and_added_to_the_loss(tiny_ground, tmp_path):
     assert train_rows and all(r["nll/real"] > 0 for r in train_rows)
     # First step: policy = opponent, so the pair term is log 2 and the loss is log 2 + 1.0 · NLL(y).
     assert train_rows[0]["loss"] == pytest.approx(0.693147 + train_rows[0]["nll/real"], abs=1e-4)
+
+
+def test_a_run_with_the_prompt_shared_trains_the_same_weights(tiny_ground, tmp_path):
+    """train.share_prompt changes how the batch is laid out, not what is computed: the same y′, the same
+    θ1 (float noise only) and the same logged losses, with fewer token positions through the model."""
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / str(share)
+        args = ["run", CONFIG, *tiny_overrides(tiny_ground, out), *SMALL, "spin.iterations=1",
+                f"train.share_prompt={str(share).lower()}", "eval.num_examples=4"]
+        assert main(args) == 0
+        runs[share] = out
+    assert (runs[True] / "iter_000" / "generated.jsonl").read_text() == (runs[False] / "iter_000" / "generated.jsonl").read_text()
+    assert_same_weights(runs[True] / "iter_000" / "model", runs[False] / "iter_000" / "model", atol=1e-5)
+    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+              for run in (runs[False], runs[True])]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)

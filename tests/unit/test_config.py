@@ -127,7 +127,7 @@ def test_a_field_not_read_per_iteration_is_refused(tmp_path, key, value, why):
     assert message.startswith(f"per_iteration.2: '{key}' {why}")
     assert message.endswith("per-iteration fields are: generation.*, train.optimizer, train.lr, train.weight_decay, "
                             "train.warmup_ratio, train.lr_scheduler, train.epochs, train.batch_size, train.grad_accum, "
-                            "train.group_by_length, train.max_grad_norm, train.save_steps, train.logging_steps, train.on_nonfinite, "
+                            "train.group_by_length, train.share_prompt, train.max_grad_norm, train.save_steps, train.logging_steps, train.on_nonfinite, "
                             "train.logprob_batch_size, spin.scale, spin.loss, spin.mix_previous, spin.nll_coef")
 
 

@@ -139,3 +139,36 @@ def test_selective_log_softmax_gradient_is_exact():
         assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-5)
         expected = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
         torch.testing.assert_close(fn(logits), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_shared_prompt_scores_every_response_as_its_own_sequence_does_values_and_gradients():
+    """[x, y, x_last, y′, x_last, y₀] in one row with the attention bias == (x, y), (x, y′), (x, y₀) apart:
+    values rtol 1e-5, every parameter gradient rtol 1e-4, on a BPE-sized vocabulary with ragged lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparring.logprobs import collate_shared, shared_prompt_logps
+
+    torch.manual_seed(0)
+    vocab = 8000
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    rows = [(ids(p), [ids(a), ids(b), ids(c)]) for p, a, b, c in [(3, 9, 2, 5), (17, 2, 11, 1), (1, 5, 5, 7), (8, 1, 1, 1)]]
+    apart = sequence_logps(model, collate([(p, r) for p, rs in rows for r in rs], 0)).view(len(rows), 3)
+    apart.sum().backward()
+    grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad()
+    batch = collate_shared(rows, 0)
+    assert batch.input_ids.shape[1] == max(len(p) + sum(map(len, rs)) + 2 for p, rs in rows)  # x once, + 2 copies
+    shared = shared_prompt_logps(model, batch, 3)
+    shared.sum().backward()
+    torch.testing.assert_close(shared, apart.detach(), rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    lengths = torch.tensor([[len(r) for r in rs] for _, rs in rows], dtype=shared.dtype)
+    torch.testing.assert_close(shared_prompt_logps(model, batch, 3, average=True), (shared / lengths).detach(),
+                               rtol=1e-5, atol=1e-6)

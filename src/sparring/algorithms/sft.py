@@ -25,8 +25,8 @@ from sparring.config import RunConfig, TrainConfig
 from sparring.logprobs import Sequences, collate, sequence_logps
 from sparring.losses import LossOutput
 
-# + config.COMMON_FIELDS; every train field but logprob_batch_size (SFT has no log-prob pass).
-READS = ("data", *(f"train.{f.name}" for f in fields(TrainConfig) if f.name != "logprob_batch_size"))
+# + config.COMMON_FIELDS; every train field but logprob_batch_size (no log-prob pass) and share_prompt (one response).
+READS = ("data", *(f"train.{f.name}" for f in fields(TrainConfig) if f.name not in ("logprob_batch_size", "share_prompt")))
 
 
 class SftRecord(NamedTuple):

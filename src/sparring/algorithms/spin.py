@@ -24,7 +24,13 @@ import torch
 from sparring import stages
 from sparring.config import RunConfig
 from sparring.data import encode
-from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
+from sparring.logprobs import (
+    Sequences,
+    SharedPrompt,
+    collate_responses,
+    response_logps,
+    response_tokens,
+)
 from sparring.losses import LossOutput, spin_loss
 from sparring.state import write_jsonl
 from sparring.training import score_sequences
@@ -41,24 +47,24 @@ class PairRecord(NamedTuple):
 
 
 class PairBatch(NamedTuple):
-    sequences: Sequences  # (2B, T): the B real sequences, then the B generated ones
+    # (2B, T): the B real sequences, then the B generated ones; or (B, T) with the prompt shared
+    sequences: Sequences | SharedPrompt
     opponent_real: torch.Tensor  # (B,)
     opponent_generated: torch.Tensor  # (B,)
 
 
-def collate_pairs(records: list[PairRecord], pad_id: int) -> PairBatch:
-    seqs = [(r.prompt_ids, r.real_ids) for r in records] + [(r.prompt_ids, r.generated_ids) for r in records]
+def collate_pairs(records: list[PairRecord], pad_id: int, share_prompt: bool = False) -> PairBatch:
+    rows = [(r.prompt_ids, [r.real_ids, r.generated_ids]) for r in records]
     return PairBatch(
-        collate(seqs, pad_id),
+        collate_responses(rows, pad_id, share_prompt=share_prompt),
         torch.tensor([r.opponent_real for r in records], dtype=torch.float32),
         torch.tensor([r.opponent_generated for r in records], dtype=torch.float32),
     )
 
 
 def spin_step(model, batch: PairBatch, *, scale: float, kind: str, nll_coef: float = 0.0) -> LossOutput:
-    logps = sequence_logps(model, batch.sequences)  # (2B,) one forward for real and generated
-    real, generated = logps.chunk(2)
-    real_tokens = scored_positions(batch.sequences).sum(-1).chunk(2)[0] if nll_coef else None  # (B,) |y|
+    real, generated = response_logps(model, batch.sequences, 2)  # (B,) each, one forward for both
+    real_tokens = response_tokens(batch.sequences, 2)[:, 0] if nll_coef else None  # (B,) |y|
     return spin_loss(real, generated, batch.opponent_real, batch.opponent_generated, scale=scale, kind=kind,
                      nll_coef=nll_coef, real_tokens=real_tokens)
 
@@ -125,7 +131,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
 
     # 4. train θ from θ_t on the SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_pairs, pad_id=tok.pad_token_id),
+        s, t, icfg, model, records, collate=partial(collate_pairs, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
         loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss, nll_coef=icfg.spin.nll_coef),
     )
     return result, {"pairs": len(records), **stages.inert_rows(records)}

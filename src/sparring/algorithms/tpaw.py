@@ -36,7 +36,13 @@ import torch
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.logprobs import Sequences, collate, scored_positions, sequence_logps
+from sparring.logprobs import (
+    Sequences,
+    SharedPrompt,
+    collate_responses,
+    response_logps,
+    response_tokens,
+)
 from sparring.losses import LossOutput, add_real_nll, tpaw_loss
 from sparring.state import atomic_write_json, check_cache_key
 from sparring.training import score_sequences
@@ -55,16 +61,16 @@ class TeamRecord(NamedTuple):
 
 
 class TeamBatch(NamedTuple):
-    sequences: Sequences  # (2B, T): the B real sequences, then the B generated ones
+    sequences: Sequences | SharedPrompt  # (2B, T): the B real, then the B generated; or (B, T), prompt shared
     team_real: torch.Tensor  # (B, K)
     team_generated: torch.Tensor  # (B, K)
     team_mask: torch.Tensor  # (B, K) bool
 
 
-def collate_team(records: list[TeamRecord], pad_id: int) -> TeamBatch:
-    seqs = [(r.prompt_ids, r.real_ids) for r in records] + [(r.prompt_ids, r.generated_ids) for r in records]
+def collate_team(records: list[TeamRecord], pad_id: int, share_prompt: bool = False) -> TeamBatch:
+    rows = [(r.prompt_ids, [r.real_ids, r.generated_ids]) for r in records]
     return TeamBatch(
-        collate(seqs, pad_id),
+        collate_responses(rows, pad_id, share_prompt=share_prompt),
         torch.tensor([r.team_real for r in records], dtype=torch.float32),
         torch.tensor([r.team_generated for r in records], dtype=torch.float32),
         torch.tensor([r.team_mask for r in records], dtype=torch.bool),
@@ -73,12 +79,11 @@ def collate_team(records: list[TeamRecord], pad_id: int) -> TeamBatch:
 
 def tpaw_step(model, batch: TeamBatch, *, average: bool, nll_coef: float = 0.0, **loss_kwargs) -> LossOutput:
     """``tpaw_loss`` on one policy forward, plus ``nll_coef``·NLL(y) (``add_real_nll``) when that is on."""
-    logps = sequence_logps(model, batch.sequences, average=average)  # (2B,) one policy forward
-    real, generated = logps.chunk(2)
+    real, generated = response_logps(model, batch.sequences, 2, average=average)  # (B,) each, one policy forward
     out = tpaw_loss(real, generated, batch.team_real, batch.team_generated, team_mask=batch.team_mask, **loss_kwargs)
     if not nll_coef:
         return out
-    tokens = scored_positions(batch.sequences).sum(-1).chunk(2)[0]  # (B,) |y|
+    tokens = response_tokens(batch.sequences, 2)[:, 0]  # (B,) |y|
     return add_real_nll(out, real * tokens if average else real, tokens, nll_coef)  # NLL needs the sums L_θ(y)
 
 
@@ -178,7 +183,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
 
     # 4. train θ from θ_t on the TPAW loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_team, pad_id=tok.pad_token_id),
+        s, t, icfg, model, records, collate=partial(collate_team, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
         loss_step=partial(
             tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
             eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,

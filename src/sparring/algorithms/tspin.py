@@ -28,7 +28,12 @@ from typing import NamedTuple
 
 from sparring import stages
 from sparring.config import RunConfig
-from sparring.logprobs import Sequences, collate, sequence_logps
+from sparring.logprobs import (
+    Sequences,
+    SharedPrompt,
+    collate_responses,
+    response_logps,
+)
 from sparring.losses import LossOutput, tspin_loss
 from sparring.state import atomic_write_json, write_jsonl
 
@@ -46,17 +51,15 @@ class TripletRecord(NamedTuple):
     proto_ids: list[int]  # y₀ ~ π_θ0
 
 
-def collate_triplets(records: list[TripletRecord], pad_id: int) -> Sequences:
-    """(3B, T): the B real sequences, then the B generated ones, then the B proto-synthetic ones."""
-    seqs = [(r.prompt_ids, r.real_ids) for r in records]
-    seqs += [(r.prompt_ids, r.generated_ids) for r in records]
-    seqs += [(r.prompt_ids, r.proto_ids) for r in records]
-    return collate(seqs, pad_id)
+def collate_triplets(records: list[TripletRecord], pad_id: int, share_prompt: bool = False) -> Sequences | SharedPrompt:
+    """(3B, T): the B real sequences, then the B generated ones, then the B proto-synthetic ones; or with
+    ``share_prompt`` (B, T) rows [x, y, ·, y′, ·, y₀] (``logprobs.SharedPrompt``)."""
+    rows = [(r.prompt_ids, [r.real_ids, r.generated_ids, r.proto_ids]) for r in records]
+    return collate_responses(rows, pad_id, share_prompt=share_prompt)
 
 
-def tspin_step(model, batch: Sequences, *, scale: float, history_weight: float, kind: str) -> LossOutput:
-    logps = sequence_logps(model, batch)  # (3B,) one policy forward; no reference model exists
-    real, generated, proto = logps.chunk(3)
+def tspin_step(model, batch: Sequences | SharedPrompt, *, scale: float, history_weight: float, kind: str) -> LossOutput:
+    real, generated, proto = response_logps(model, batch, 3)  # (B,) each: one policy forward, no reference
     out = tspin_loss(real, generated, proto, scale=scale, history_weight=history_weight, kind=kind)
     # T-SPIN's reward is α·L_θ(z) (no reference): log SPIN's reward names too, for the shared report.
     out.metrics["rewards/real"] = scale * real.detach().mean()
@@ -123,7 +126,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model, *, betas: list[
     # 3. (no precompute: T-SPIN has no opponent or reference log-probs)
     # 4. train θ from θ_t on the T-SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_triplets, pad_id=tok.pad_token_id),
+        s, t, icfg, model, records, collate=partial(collate_triplets, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
         loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
     )
     # y′ = y: the first margin carries no gradient
