@@ -58,6 +58,7 @@ def open_session(cfg: RunConfig, *, force: bool = False, load_data: bool = True)
 
     check_can_push(cfg)  # a push that would fail at the end is refused before the run starts
     accelerator = make_accelerator(cfg)
+    check_lm_eval(cfg, accelerator)
     run_dir = RunDir(cfg.output_dir)
     refused = None
     if accelerator.is_main_process:
@@ -108,10 +109,15 @@ def load_iterate(s: Session, t: int, *, trainable: bool = True):
     return add_adapters(model, peft, seed=s.cfg.train.seed + t, gradient_checkpointing=s.cfg.train.gradient_checkpointing)
 
 
+def sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP or DeepSpeed ZeRO-3)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type.name == "FSDP" or getattr(plugin, "zero_stage", 0) == 3
+
+
 def check_unsharded(s: Session) -> None:
     """Merging adapters into θ_{t+1} needs whole weights on each process: no FSDP, no ZeRO-3."""
-    plugin = getattr(s.accelerator.state, "deepspeed_plugin", None)
-    if s.accelerator.distributed_type.name == "FSDP" or getattr(plugin, "zero_stage", 0) == 3:
+    if sharded(s.accelerator):
         raise ConfigError("the peft: section (LoRA) does not run under FSDP or DeepSpeed ZeRO-3 (the adapters are "
                           "merged into whole weights); use DDP or ZeRO-1/2, or train without peft")
 
@@ -314,22 +320,22 @@ def save_pretrained(s: Session, model, target: Path, base: str | Path | None = N
 
 
 def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None = None) -> dict | None:
-    """Held-out evaluation of a model, once: cached in ``run_dir.eval_file(label)`` and logged, its
-    answers to the first ``eval.sample_prompts`` prompts in ``run_dir.eval_answers(label)``.
+    """Held-out evaluation (``eval.source``) and lm-evaluation-harness tasks (``eval.lm_eval.tasks``) of a
+    model, once: cached in ``run_dir.eval_file(label)`` and logged, its answers to the first
+    ``eval.sample_prompts`` held-out prompts in ``run_dir.eval_answers(label)``.
 
-    Every process evaluates a share (a ZeRO-3 / FSDP model needs all of them in each forward); the
-    main one writes the answers, then the scores (whose file marks the evaluation done)."""
+    Every process evaluates a share of the held-out rows (a ZeRO-3 / FSDP model needs all of them in each
+    forward); lm_eval runs on the main process alone, the others waiting. The main one writes the answers,
+    then the scores (whose file marks the evaluation done)."""
     out = s.run_dir.eval_file(label)
     if out.exists():
         return json.loads(out.read_text())
-    if not s.cfg.eval.source:
+    if not (s.cfg.eval.source or s.cfg.eval.lm_eval.tasks):
         return None
     own = model is None
     model = load_model(s.cfg.model, path, device=s.accelerator.device) if own else s.accelerator.unwrap_model(model)
-    data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
-    scores, answers = evaluate_with_answers(model, s.tokenizer, data, s.cfg.eval, accelerator=s.accelerator,
-                                            samples=s.cfg.eval.sample_prompts)
-    scores = {"label": label, **scores}
+    scores, answers = held_out(s, model)
+    scores = {"label": label, **scores, **lm_eval_scores(s, model)}
     if s.main:
         if answers:
             write_jsonl(s.run_dir.eval_answers(label), answers)
@@ -340,3 +346,31 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
         release()
     s.accelerator.wait_for_everyone()
     return json.loads(out.read_text())
+
+
+def held_out(s: Session, model) -> tuple[dict, list[dict]]:
+    """(scores, sampled answers) of ``model`` on the held-out rows; none without ``eval.source``."""
+    if not s.cfg.eval.source:
+        return {}, []
+    data = load_eval_set(s.cfg.eval, s.tokenizer, s.cfg.data.max_length)
+    return evaluate_with_answers(model, s.tokenizer, data, s.cfg.eval, accelerator=s.accelerator,
+                                 samples=s.cfg.eval.sample_prompts)
+
+
+def lm_eval_scores(s: Session, model) -> dict[str, float]:
+    """``eval.lm_eval.tasks`` on ``model``, run by the main process (the others wait; they get no scores)."""
+    if not s.cfg.eval.lm_eval.tasks:
+        return {}
+    from sparring.evaluation.lm_eval import run_lm_eval
+
+    scores = run_lm_eval(model, s.tokenizer, s.cfg.eval.lm_eval) if s.main else {}
+    s.accelerator.wait_for_everyone()
+    return scores
+
+
+def check_lm_eval(cfg: RunConfig, accelerator) -> None:
+    """lm_eval runs the whole model on one process: refuse it with sharded weights."""
+    if cfg.eval.lm_eval.tasks and sharded(accelerator):
+        raise ConfigError("eval.lm_eval.tasks runs lm-evaluation-harness on the whole model in one process, which "
+                          "FSDP and DeepSpeed ZeRO-3 shard across processes: use DDP or ZeRO-1/2, or remove "
+                          "eval.lm_eval.tasks")

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from sparring.config import RunConfig
+from sparring.evaluation.lm_eval import PREFIX as LM_EVAL_PREFIX
 from sparring.state import RunDir, atomic_write_text, read_jsonl
 
 SAMPLES = 3  # rows shown in the samples section
@@ -38,9 +39,16 @@ LSP_COLUMNS = [
 ]
 
 
-def columns(base: list[tuple[str, str, str]], metric: str | None) -> list[tuple[str, str, str]]:
-    """``base`` with the held-out verifier's ``metric`` (if any) as the second column."""
-    return base[:1] + ([(metric, held_out_label(metric), "{:.3f}")] if metric else []) + base[1:]
+def columns(base: list[tuple[str, str, str]], metric: str | None, rows: list[dict] = ()) -> list[tuple[str, str, str]]:
+    """``base`` with the held-out verifier's ``metric`` (if any) as the second column, then one column per
+    lm-evaluation-harness score of ``rows`` (``lm_eval/<task>/<metric>``, in the order they first appear)."""
+    held = [(metric, held_out_label(metric), "{:.3f}")] if metric else []
+    return base[:1] + held + lm_eval_columns(rows) + base[1:]
+
+
+def lm_eval_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(LM_EVAL_PREFIX))
+    return [(k, "lm-eval " + k[len(LM_EVAL_PREFIX):].replace("/", " "), "{:.3f}") for k in keys]
 
 
 def held_out_label(metric: str) -> str:
@@ -57,14 +65,15 @@ def write_report(run_dir: RunDir, cfg: RunConfig, *, main: bool = True) -> list[
         from sparring.rewards.registry import metric_of
 
         metric = metric_of(cfg.eval.verifier)
-        text = table(rows, columns(LSP_COLUMNS if lsp else SPIN_COLUMNS, metric))
+        cols = columns(LSP_COLUMNS if lsp else SPIN_COLUMNS, metric, rows)
+        text = table(rows, cols)
         samples = lsp_samples(run_dir) if lsp else pair_samples(run_dir, iterations)
         atomic_write_text(run_dir.results, text + "\n" + (f"\n{samples}\n" if samples else ""))
         title = f"LSP ({cfg.lsp.variant})" if lsp else (f"{cfg.method} on {Path(cfg.data.source).name}" if cfg.data.source else cfg.method)
         plot(rows, run_dir.plot, title=title, lsp=lsp, metric=metric)
         from sparring.evaluation.html import write_page
 
-        write_page(run_dir, cfg, rows, columns(LSP_COLUMNS if lsp else SPIN_COLUMNS, metric), title=title)
+        write_page(run_dir, cfg, rows, cols, title=title)
         print(text)
         print(f"plot: {run_dir.plot}")
         print(f"report page: {run_dir.report_page}")
