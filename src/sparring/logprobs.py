@@ -107,6 +107,10 @@ def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: 
     keep[:, :-1] = batch.segment[:, 1:] > 0  # positions whose next token is a response token
     segment_of = batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) the response each scored token belongs to
     targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,)
+    attention = getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", "sdpa")
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"train.share_prompt needs an attention that takes a 4D mask (eager or sdpa); this model "
+                         f"uses {attention}: load it with sdpa or turn train.share_prompt off")
     dtype = next(model.parameters()).dtype  # the bias in the model's dtype (bf16 / fp16 on a GPU)
     bias = batch.attention_bias.to(dtype) if batch.attention_bias.dtype != dtype else batch.attention_bias
     view = Sequences(batch.input_ids, bias, keep, batch.position_ids)

@@ -172,3 +172,6 @@ def test_a_shared_prompt_scores_every_response_as_its_own_sequence_does_values_a
     lengths = torch.tensor([[len(r) for r in rs] for _, rs in rows], dtype=shared.dtype)
     torch.testing.assert_close(shared_prompt_logps(model, batch, 3, average=True), (shared / lengths).detach(),
                                rtol=1e-5, atol=1e-6)
+    model.config._attn_implementation = "flash_attention_2"  # ignores a 4D mask: refused, never a silent mix
+    with pytest.raises(ValueError, match="train.share_prompt needs an attention that takes a 4D mask"):
+        shared_prompt_logps(model, batch, 3)
