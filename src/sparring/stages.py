@@ -325,8 +325,8 @@ def evaluate_stage(s: Session, label: str, model=None, path: str | Path | None =
     ``eval.sample_prompts`` held-out prompts in ``run_dir.eval_answers(label)``.
 
     Every process evaluates a share of the held-out rows (a ZeRO-3 / FSDP model needs all of them in each
-    forward); lm_eval runs on the main process alone, the others waiting. The main one writes the answers,
-    then the scores (whose file marks the evaluation done)."""
+    forward) and of lm_eval's requests (lm_eval needs whole weights on each process: ``check_lm_eval``).
+    The main one writes the answers, then the scores (whose file marks the evaluation done)."""
     out = s.run_dir.eval_file(label)
     if out.exists():
         return json.loads(out.read_text())
@@ -358,19 +358,17 @@ def held_out(s: Session, model) -> tuple[dict, list[dict]]:
 
 
 def lm_eval_scores(s: Session, model) -> dict[str, float]:
-    """``eval.lm_eval.tasks`` on ``model``, run by the main process (the others wait; they get no scores)."""
+    """``eval.lm_eval.tasks`` on ``model``, every process scoring a share (the main one gets the scores)."""
     if not s.cfg.eval.lm_eval.tasks:
         return {}
     from sparring.evaluation.lm_eval import run_lm_eval
 
-    scores = run_lm_eval(model, s.tokenizer, s.cfg.eval.lm_eval) if s.main else {}
-    s.accelerator.wait_for_everyone()
-    return scores
+    return run_lm_eval(model, s.tokenizer, s.cfg.eval.lm_eval, accelerator=s.accelerator)
 
 
 def check_lm_eval(cfg: RunConfig, accelerator) -> None:
-    """lm_eval runs the whole model on one process: refuse it with sharded weights."""
+    """lm_eval runs the whole model on each process: refuse it with sharded weights."""
     if cfg.eval.lm_eval.tasks and sharded(accelerator):
-        raise ConfigError("eval.lm_eval.tasks runs lm-evaluation-harness on the whole model in one process, which "
+        raise ConfigError("eval.lm_eval.tasks runs lm-evaluation-harness on the whole model in each process, which "
                           "FSDP and DeepSpeed ZeRO-3 shard across processes: use DDP or ZeRO-1/2, or remove "
                           "eval.lm_eval.tasks")

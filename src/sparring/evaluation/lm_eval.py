@@ -30,9 +30,11 @@ def check_installed() -> None:
                           "or remove eval.lm_eval.tasks")
 
 
-def run_lm_eval(model, tokenizer, cfg: LmEvalConfig) -> dict[str, float]:
-    """``cfg.tasks`` on ``model`` (one process), as flat scores. The model comes back in its train/eval mode,
-    and the random generators of Python, NumPy and torch in their state (lm_eval seeds them)."""
+def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, accelerator=None) -> dict[str, float]:
+    """``cfg.tasks`` on ``model``, as flat scores. With an ``accelerator`` of several processes every one of
+    them calls this and scores a share of the requests (each holding the whole model); the main process
+    gets the scores, the others ``{}``. The model comes back in its train/eval mode, and the random
+    generators of Python, NumPy and torch in their state (lm_eval seeds them)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -40,12 +42,23 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig) -> dict[str, float]:
     try:
         with kept_rng():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+            if accelerator is not None and accelerator.num_processes > 1:
+                share(lm, accelerator)
             results = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=task_manager(cfg.include_path),
                                       num_fewshot=cfg.num_fewshot, limit=cfg.limit, log_samples=False,
                                       apply_chat_template=cfg.apply_chat_template, bootstrap_iters=0)
     finally:
         model.train(was_training)
-    return flat_scores(results)
+    return flat_scores(results) if results is not None else {}
+
+
+def share(lm, accelerator) -> None:
+    """lm_eval's data parallelism for a model passed in memory (which it runs on one process otherwise):
+    this process is rank ``process_index`` of ``num_processes``; lm_eval shares out the requests, pads
+    the shares to one length and gathers the metrics on rank 0."""
+    lm.accelerator = accelerator
+    lm._rank = accelerator.process_index
+    lm._world_size = accelerator.num_processes
 
 
 @functools.cache
