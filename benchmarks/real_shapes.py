@@ -4,9 +4,10 @@
 This script measures the same things at the shapes a real SPIN run has, in one run:
 
 1. one training pass (opponent log-probs + one epoch) on identical pairs, five ways:
-   - ``sparring``: ``score_sequences`` (the opponent pass) then ``train`` with ``spin_step``, from ids,
-     with ``train.group_by_length``; ``sparring-plain``: the same without it (batches in seeded random order);
-     ``sparring-shared``: with ``train.share_prompt`` too (each prompt once for its real and generated response);
+   - ``sparring``: ``score_sequences`` (the opponent pass) then ``train`` with ``spin_step``, from ids, at a
+     run's defaults: ``train.group_by_length`` and ``train.share_prompt`` (each prompt once for its real
+     and generated response); ``sparring-unshared``: without ``share_prompt`` (one sequence per response);
+     ``sparring-plain``: without either (batches in seeded random order);
    - ``trl-default``: TRL's ``DPOTrainer`` as documented for this use (``precompute_ref_log_probs=True``,
      ``loss_type=["sigmoid"]``), everything else at TRL's defaults but ``bf16=False`` (fp32 on both sides);
    - ``trl-best``: the same plus every ``DPOConfig`` option that cuts work and runs on a CPU (``TRL_BEST``:
@@ -108,6 +109,8 @@ TRL_NOT_USED = {
     "dataloader_num_workers": "collation is a sliver of a step, and workers would take cores from the model",
     "optim": "already adamw_torch_fused, TRL's default and the fastest AdamW on a CPU",
 }
+# The sparring sides: (train.group_by_length, train.share_prompt); "sparring" is the defaults of a run.
+SPARRING_SIDES = {"sparring": (True, True), "sparring-unshared": (True, False), "sparring-plain": (False, False)}
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate", "datasets",
            "trl", "trl.trainer.dpo_trainer", "sparring.training", "sparring.algorithms.spin",
            "sparring.generation", "sparring.modeling"]
@@ -210,7 +213,7 @@ class CountingCollate:
 
 
 def run_sparring(folder: Path, opts: dict, pairs_count: int, group_by_length: bool = True,
-                 share_prompt: bool = False) -> dict:
+                 share_prompt: bool = True) -> dict:
     from functools import partial
 
     from accelerate import Accelerator
@@ -341,9 +344,10 @@ def child(job: str, folder: str, opts: dict, log: str) -> None:
     tempfile.tempdir = tempfile.mkdtemp(dir=folder_path)  # datasets' and TRL's temporary files: removed with it
     start_rss = rss_now_mib()
     kind, _, size = job.partition(":")
-    if kind in ("sparring", "sparring-plain", "sparring-shared"):
-        result = run_sparring(folder_path, opts, int(size or opts["pairs"]), group_by_length=kind != "sparring-plain",
-                              share_prompt=kind == "sparring-shared")
+    if kind in SPARRING_SIDES:
+        group_by_length, share_prompt = SPARRING_SIDES[kind]
+        result = run_sparring(folder_path, opts, int(size or opts["pairs"]), group_by_length=group_by_length,
+                              share_prompt=share_prompt)
     elif kind in ("trl-default", "trl-best"):
         result = run_trl(folder_path, opts, best=kind == "trl-best")
     else:
@@ -417,7 +421,7 @@ def main() -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     scaling = [args.scaling_base * k for k in (1, 2, 4)]
-    jobs = ["sparring", "sparring-plain", "sparring-shared", "trl-default", "trl-best", "gen-sparring", "gen-loop"]
+    jobs = [*SPARRING_SIDES, "trl-default", "trl-best", "gen-sparring", "gen-loop"]
     jobs += [f"sparring:{n}" for n in scaling if n != args.pairs]
     runs: dict[str, list[dict]] = {job: [] for job in jobs}
     for repeat in range(args.repeats):
@@ -445,16 +449,16 @@ def main() -> None:
     print(f"training: batch {args.batch} pairs, 1 epoch, AdamW lr {args.lr:g}, linear schedule, 10% warm-up, beta {args.beta:g}")
     print()
     print("1. one training pass (model load + opponent/reference log-probs + one epoch)")
-    print(f"{'':15} {'seconds':>8} {'load':>6} {'ref':>7} {'train':>7} {'steps':>5} {'positions':>10} "
+    print(f"{'':17} {'seconds':>8} {'load':>6} {'ref':>7} {'train':>7} {'steps':>5} {'positions':>10} "
           f"{'peak RSS MiB':>13} {'above start':>12}  checkpointing, batches")
-    for side in ("sparring", "sparring-plain", "sparring-shared", "trl-default", "trl-best"):
+    for side in (*SPARRING_SIDES, "trl-default", "trl-best"):
         r = runs[side]
-        print(f"{side:15} {median(r, 'seconds'):8.1f} {median(r, 'load'):6.1f} {median(r, 'reference'):7.1f} "
+        print(f"{side:17} {median(r, 'seconds'):8.1f} {median(r, 'load'):6.1f} {median(r, 'reference'):7.1f} "
               f"{median(r, 'train'):7.1f} {r[0]['steps']:5d} {r[0]['train_positions']:10d} "
               f"{median(r, 'peak_rss_mib'):13.0f} {median(r, 'peak_rss_mib') - median(r, 'start_rss_mib'):12.0f}  "
               f"{'yes' if r[0]['checkpointing'] else 'no'}, {r[0]['sampler']}")
     s = runs["sparring"]
-    for side in ("sparring-plain", "sparring-shared", "trl-default", "trl-best"):
+    for side in (*list(SPARRING_SIDES)[1:], "trl-default", "trl-best"):
         t = runs[side]
         print(f"ratio sparring/{side}: time {median(s, 'seconds') / median(t, 'seconds'):.2f} "
               f"(pass without load {median(s, 'pass') / median(t, 'pass'):.2f}), peak memory "

@@ -97,8 +97,9 @@ class TrainConfig:
     # the micro-batches shuffled (seeded). Every record once per epoch, as without it; resumable.
     group_by_length: bool = False
     # SPIN, T-SPIN, TPAW: each prompt runs through the model once for all its responses ([x, y, ·, y′]
-    # with an attention bias, logprobs.SharedPrompt), not once per response; the same log-probs.
-    share_prompt: bool = False
+    # with an attention bias, logprobs.SharedPrompt), not once per response; the same log-probs. Off by
+    # itself for a model whose attention takes no 4D mask (FlashAttention-2).
+    share_prompt: bool = True
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False

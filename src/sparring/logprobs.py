@@ -100,6 +100,17 @@ def _shared_layout(prompt: list[int], responses: list[list[int]]):
     return ids, pos, seg, allowed
 
 
+def attention_of(model) -> str:
+    """The model's attention implementation (HF's ``config._attn_implementation``; under DDP, the wrapped model's)."""
+    return getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", None) or "sdpa"
+
+
+def takes_attention_bias(model) -> bool:
+    """Whether the model's attention applies a 4D additive mask (``SharedPrompt.attention_bias``): eager and
+    sdpa do; FlashAttention-2 and the kernels that take only 2D padding masks do not."""
+    return attention_of(model) in ("eager", "sdpa")
+
+
 def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: bool = False) -> torch.Tensor:
     """L(r_s) = Σ_t log π(r_s,t | x, r_s,<t) for every response s of every row, (B, S); the same values
     as ``sequence_logps`` on the (x, r_s) sequences. ``average`` divides by each response's length."""
@@ -107,10 +118,9 @@ def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: 
     keep[:, :-1] = batch.segment[:, 1:] > 0  # positions whose next token is a response token
     segment_of = batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) the response each scored token belongs to
     targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,)
-    attention = getattr(getattr(getattr(model, "module", model), "config", None), "_attn_implementation", "sdpa")
-    if attention not in ("eager", "sdpa"):
+    if not takes_attention_bias(model):
         raise ValueError(f"train.share_prompt needs an attention that takes a 4D mask (eager or sdpa); this model "
-                         f"uses {attention}: load it with sdpa or turn train.share_prompt off")
+                         f"uses {attention_of(model)}: load it with sdpa or turn train.share_prompt off")
     dtype = next(model.parameters()).dtype  # the bias in the model's dtype (bf16 / fp16 on a GPU)
     bias = batch.attention_bias.to(dtype) if batch.attention_bias.dtype != dtype else batch.attention_bias
     view = Sequences(batch.input_ids, bias, keep, batch.position_ids)

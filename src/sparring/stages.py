@@ -251,6 +251,22 @@ def train_iteration(s: Session, t: int, icfg: RunConfig, model, records: list, *
                  global_step_offset=steps_before(s, t), desc=desc or f"iter {t}: train", weight=weight)
 
 
+def shares_prompt(s: Session, icfg: RunConfig, model) -> bool:
+    """Whether iteration batches put each prompt once for all its responses (``train.share_prompt``): on
+    unless it is off or the model's attention takes no 4D mask (then said, and the batches hold one
+    sequence per response)."""
+    from sparring.logprobs import attention_of, takes_attention_bias
+
+    if not icfg.train.share_prompt:
+        return False
+    if takes_attention_bias(model):
+        return True
+    if s.main:
+        print(f"train.share_prompt is off for this model: its attention ({attention_of(model)}) takes no 4D mask",
+              flush=True)
+    return False
+
+
 def inert_rows(records: list) -> dict:
     """How many rows have y′ = y (their margin terms cancel: no gradient), and their share."""
     same = sum(r.generated_ids == r.real_ids for r in records)

@@ -21,13 +21,13 @@ def run_script(*args: str) -> str:
 
 def test_real_shapes_benchmark_runs_every_side_and_prints_its_ratios():
     out = run_script("benchmarks/real_shapes.py", "--quick")
-    for side in ("sparring ", "sparring-plain ", "sparring-shared ", "trl-default ", "trl-best "):
+    for side in ("sparring ", "sparring-unshared ", "sparring-plain ", "trl-default ", "trl-best "):
         assert any(line.startswith(side) for line in out.splitlines()), side
-    for ratio in ("ratio sparring/sparring-plain: time", "ratio sparring/sparring-shared: time",
+    for ratio in ("ratio sparring/sparring-unshared: time", "ratio sparring/sparring-plain: time",
                   "ratio sparring/trl-default: time",
                   "ratio sparring/trl-best: time", "ratio tokens/s sparring/SPIN loop:"):
         assert ratio in out
-    assert "length-grouped" in out and "3. sparring training pass" in out
+    assert "length-grouped, prompt shared" in out and "3. sparring training pass" in out
 
 
 @pytest.mark.parametrize("data", [["--pairs", "8", "--hidden", "64", "--layers", "2", "--length-scale", "0.05"],

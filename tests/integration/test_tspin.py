@@ -98,15 +98,16 @@ def test_two_iterations_log_everywhere_and_follow_the_history_weight_schedule(pr
     assert any(r["tspin/history_loss"] > 1e-3 for r in train_rows if r["iteration"] == 1)
 
 
-def test_training_runs_only_policy_forwards_of_three_b_sequences(probed_run):
-    """Reference-free: score_sequences raises if called, and train() sees only the policy's forwards."""
+def test_training_runs_only_policy_forwards_of_one_row_per_prompt_with_its_three_responses(probed_run):
+    """Reference-free: score_sequences raises if called, and train() sees only the policy's forwards, each
+    batch one row per prompt holding y, y′ and y₀ (train.share_prompt, the default)."""
     out, probe = probed_run
     assert [p for p, _ in probe.loads] == [None, None, out / "iter_000" / "model"]  # eval θ_0, θ_0, θ_1
     during = [f for f in probe.forwards if f[3]]
     assert len(during) == 2 * 24 // 4  # one forward per batch: 6 steps per iteration, 2 iterations
     policies = {model for _, model in probe.loads[1:]}
     assert {model for model, *_ in during} <= policies
-    assert all(grad and n == 3 * 4 for _, grad, n, _ in during)  # real + generated + proto in one pass
+    assert all(grad and n == 4 for _, grad, n, _ in during)  # real + generated + proto of 4 prompts in one pass
     trained = [model for model, grad, _, _ in probe.forwards if grad]
     assert len(trained) == len(during)  # no gradient-carrying forward outside train()
 

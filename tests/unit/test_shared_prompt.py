@@ -76,3 +76,18 @@ def test_a_shared_batch_holds_each_prompt_once_and_counts_its_real_tokens():
     prompts = sum(len(r.prompt_ids) for r in records)
     assert int(shared.attention_mask.sum()) == int(plain.attention_mask.sum()) - prompts + len(records)  # + a copy
     assert batch_tokens(collate_pairs(records, 0, share_prompt=True)) == int(shared.attention_mask.sum())
+
+
+def test_the_runs_share_the_prompt_unless_it_is_off_or_the_attention_takes_no_4d_mask(capsys):
+    from types import SimpleNamespace
+
+    from sparring.config import RunConfig
+    from sparring.stages import shares_prompt
+
+    m, s, cfg = model(), SimpleNamespace(main=True), RunConfig()
+    assert cfg.train.share_prompt and shares_prompt(s, cfg, m)
+    cfg.train.share_prompt = False
+    assert not shares_prompt(s, cfg, m)
+    cfg.train.share_prompt, m.config._attn_implementation = True, "flash_attention_2"
+    assert not shares_prompt(s, cfg, m)
+    assert "train.share_prompt is off for this model: its attention (flash_attention_2)" in capsys.readouterr().out

@@ -131,7 +131,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
 
     # 4. train θ from θ_t on the SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_pairs, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
+        s, t, icfg, model, records, collate=partial(collate_pairs, pad_id=tok.pad_token_id, share_prompt=stages.shares_prompt(s, icfg, model)),
         loss_step=partial(spin_step, scale=icfg.spin.scale, kind=icfg.spin.loss, nll_coef=icfg.spin.nll_coef),
     )
     return result, {"pairs": len(records), **stages.inert_rows(records)}

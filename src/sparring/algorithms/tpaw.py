@@ -183,7 +183,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model):
 
     # 4. train θ from θ_t on the TPAW loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_team, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
+        s, t, icfg, model, records, collate=partial(collate_team, pad_id=tok.pad_token_id, share_prompt=stages.shares_prompt(s, icfg, model)),
         loss_step=partial(
             tpaw_step, average=icfg.tpaw.logprob_reduction == "mean", scale=icfg.tpaw.scale,
             eta=icfg.tpaw.target_weight_eta, gamma=icfg.tpaw.player_temperature_gamma,

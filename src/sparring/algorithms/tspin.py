@@ -126,7 +126,7 @@ def iteration(s: stages.Session, t: int, icfg: RunConfig, model, *, betas: list[
     # 3. (no precompute: T-SPIN has no opponent or reference log-probs)
     # 4. train θ from θ_t on the T-SPIN loss (5. the caller saves θ_{t+1}, evaluates it, marks t done)
     result = stages.train_iteration(
-        s, t, icfg, model, records, collate=partial(collate_triplets, pad_id=tok.pad_token_id, share_prompt=icfg.train.share_prompt),
+        s, t, icfg, model, records, collate=partial(collate_triplets, pad_id=tok.pad_token_id, share_prompt=stages.shares_prompt(s, icfg, model)),
         loss_step=partial(tspin_step, scale=icfg.tspin.scale, history_weight=beta, kind=icfg.tspin.loss),
     )
     # y′ = y: the first margin carries no gradient
