@@ -287,6 +287,8 @@ AGREEMENT = textwrap.dedent("""
             result[name] = f"{type(err).__name__}: {err}"
         result[name + "_calls"] = len(calls)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # gloo's threads end before the interpreter (else: SIGABRT at exit)
 """)
 
 
