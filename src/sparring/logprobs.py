@@ -114,25 +114,14 @@ def takes_attention_bias(model) -> bool:
 def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: bool = False) -> torch.Tensor:
     """L(r_s) = Σ_t log π(r_s,t | x, r_s,<t) for every response s of every row, (B, S); the same values
     as ``sequence_logps`` on the (x, r_s) sequences. ``average`` divides by each response's length."""
-    keep = torch.zeros_like(batch.segment, dtype=torch.bool)
-    keep[:, :-1] = batch.segment[:, 1:] > 0  # positions whose next token is a response token
-    segment_of = batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) the response each scored token belongs to
-    targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,)
     if not takes_attention_bias(model):
         raise ValueError(f"train.share_prompt needs an attention that takes a 4D mask (eager or sdpa); this model "
                          f"uses {attention_of(model)}: load it with sdpa or turn train.share_prompt off")
     dtype = next(model.parameters()).dtype  # the bias in the model's dtype (bf16 / fp16 on a GPU)
-    bias = batch.attention_bias.to(dtype) if batch.attention_bias.dtype != dtype else batch.attention_bias
-    view = Sequences(batch.input_ids, bias, keep, batch.position_ids)
-    logits = forward_logits(model, view, keep)  # (N, V)
-    logps = selective_logps(logits[None], targets[None])[0]  # (N,)
-    slot = keep.nonzero()[:, 0] * responses + segment_of  # (N,) row · S + s
-    total = torch.zeros(keep.shape[0] * responses, dtype=logps.dtype, device=logps.device).index_add(0, slot, logps)
-    total = total.view(-1, responses)
-    if average:
-        counts = torch.zeros_like(total).view(-1).index_add(0, slot, torch.ones_like(logps)).view(-1, responses)
-        total = total / counts.clamp(min=1)
-    return total
+    view = Sequences(batch.input_ids, batch.attention_bias.to(dtype), batch.segment > 0, batch.position_ids)
+    keep, logps = scored_logps(model, view)
+    slot = keep.nonzero()[:, 0] * responses + batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) row · S + s
+    return summed(logps, slot, keep.shape[0] * responses, average).view(-1, responses)
 
 
 def collate_responses(rows: list[tuple[list[int], list[list[int]]]], pad_id: int, *,
@@ -154,8 +143,7 @@ def response_logps(model, batch: Sequences | SharedPrompt, responses: int, *, av
 def response_tokens(batch: Sequences | SharedPrompt, responses: int) -> torch.Tensor:
     """(B, S): the scored tokens of each response of every row of a ``collate_responses`` batch."""
     if isinstance(batch, SharedPrompt):
-        counts = torch.stack([(batch.segment == s + 1).sum(-1) for s in range(responses)], -1)
-        return counts
+        return torch.stack([(batch.segment == s + 1).sum(-1) for s in range(responses)], -1)
     return scored_positions(batch).sum(-1).view(responses, -1).T
 
 
@@ -237,17 +225,26 @@ def token_logps(
     return logps * response_mask[:, 1:].to(logps.dtype)
 
 
-def sequence_logps(model, batch: Sequences, *, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
-    """L(z) = Σ_t log π(z_t | x, z_<t) over response tokens, (B,). ``average`` divides by their count."""
+def scored_logps(model, batch: Sequences, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep (B, T) bool: the positions whose next token is a response token, their log-probs (N,), row-major)."""
     keep = scored_positions(batch)  # (B, T)
     logits = forward_logits(model, batch, keep)  # (N, V), N scored tokens in the batch
     targets = batch.input_ids[:, 1:][keep[:, :-1]]  # (N,) the next tokens, in the same row-major order
-    logps = selective_logps(logits[None], targets[None], temperature=temperature)[0]  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,) the row of each scored token
-    total = torch.zeros(keep.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    return keep, selective_logps(logits[None], targets[None], temperature=temperature)[0]
+
+
+def summed(logps: torch.Tensor, slot: torch.Tensor, size: int, average: bool) -> torch.Tensor:
+    """(size,) the sums of ``logps`` by ``slot`` (a response's index), or with ``average`` their means."""
+    total = torch.zeros(size, dtype=logps.dtype, device=logps.device).index_add(0, slot, logps)
     if average:
-        total = total / keep.sum(-1).clamp(min=1)
+        total = total / torch.bincount(slot, minlength=size).clamp(min=1)
     return total
+
+
+def sequence_logps(model, batch: Sequences, *, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """L(z) = Σ_t log π(z_t | x, z_<t) over response tokens, (B,). ``average`` divides by their count."""
+    keep, logps = scored_logps(model, batch, temperature)
+    return summed(logps, keep.nonzero()[:, 0], keep.shape[0], average)
 
 
 def plain_sequence_logps(model, batch: Sequences, *, average: bool = False) -> torch.Tensor:
