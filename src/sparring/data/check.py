@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sparring.config import DataConfig
-from sparring.data.chat import NotAPrefixError, encode
+from sparring.data.dataset import PromptTooLong, encode_checked
 from sparring.data.records import DataError, detect_format, parse_row
 
 SHOWN_ROWS = 10  # row numbers listed per kind of bad row
@@ -29,6 +29,7 @@ class DataCheck:
     response_tokens: list[int] = field(default_factory=list)  # before any cut to data.max_length
     with_generated: int = 0  # good rows shipping a y′ (SPIN format)
     cut: list[int] = field(default_factory=list)  # rows whose response data.max_length cuts
+    over_prompt: list[int] = field(default_factory=list)  # bad rows: prompt over data.max_prompt_length
 
     @property
     def good(self) -> int:
@@ -53,12 +54,11 @@ def check_rows(rows: list, cfg: DataConfig, tokenizer) -> DataCheck:
             out.formats["unknown"] += 1
         try:
             example = parse_row(row, cfg.format, cfg.system_prompt)
-            prompt, response = encode(tokenizer, example.prompt, example.real)
-            if len(prompt) > cfg.max_prompt_length:
-                raise DataError(f"prompt has {len(prompt)} tokens, more than data.max_prompt_length="
-                                f"{cfg.max_prompt_length}")
-        except (DataError, NotAPrefixError) as err:
+            prompt, response = encode_checked(tokenizer, example, cfg.max_prompt_length)  # as the run reads it
+        except DataError as err:
             out.bad.setdefault(kind_of(err), []).append(number)
+            if isinstance(err, PromptTooLong):
+                out.over_prompt.append(number)
             continue
         out.prompt_tokens.append(len(prompt))
         out.response_tokens.append(len(response))
@@ -96,9 +96,7 @@ def render(check: DataCheck, cfg: DataConfig, source: str) -> str:
                          f"p99 {percentile(values, 0.99)}, max {max(values)}")
             width = max(c for _, c in histogram(values))
             lines += [f"  {label:>10} {count:6d} {'#' * round(40 * count / width)}" for label, count in histogram(values)]
-        over = len(check.bad.get(kind_of(DataError(f"prompt has 0 tokens, more than data.max_prompt_length="
-                                                   f"{cfg.max_prompt_length}")), []))
-        lines.append(f"prompts over data.max_prompt_length={cfg.max_prompt_length}: {over} (bad rows)")
+        lines.append(f"prompts over data.max_prompt_length={cfg.max_prompt_length}: {len(check.over_prompt)} (bad rows)")
         lines.append(f"responses cut to fit data.max_length={cfg.max_length}: {len(check.cut)}")
     return "\n".join(lines)
 

@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 
 from sparring.config import DataConfig
-from sparring.data.chat import NotAPrefixError, encode
-from sparring.data.records import Example, LoadReport, load_examples
+from sparring.data.chat import encode
+from sparring.data.records import DataError, Example, LoadReport, load_examples
 from sparring.data.sources import load_rows
 
 
@@ -19,14 +19,25 @@ class TrainingSet:
     report: LoadReport
 
 
+class PromptTooLong(DataError):
+    """A row whose rendered prompt has more tokens than ``data.max_prompt_length``."""
+
+
+def encode_checked(tokenizer, example: Example, max_prompt_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a row, uncut; raises ``NotAPrefixError`` when its prompt ids are not a
+    prefix of its prompt + response ids, ``PromptTooLong`` over ``max_prompt_length``: both bad rows."""
+    prompt, response = encode(tokenizer, example.prompt, example.real)
+    if len(prompt) > max_prompt_length:
+        raise PromptTooLong(f"prompt has {len(prompt)} tokens, more than data.max_prompt_length={max_prompt_length}")
+    return prompt, response
+
+
 def load_training_set(cfg: DataConfig, tokenizer) -> TrainingSet:
     def too_long(example: Example) -> str | None:
-        try:  # a conversation whose prompt ids are not a prefix of prompt + response ids is a bad row
-            n = len(encode(tokenizer, example.prompt, example.real)[0])
-        except NotAPrefixError as err:
+        try:
+            encode_checked(tokenizer, example, cfg.max_prompt_length)
+        except DataError as err:
             return str(err)
-        if n > cfg.max_prompt_length:
-            return f"prompt has {n} tokens, more than data.max_prompt_length={cfg.max_prompt_length}"
         return None
 
     examples, report = load_examples(
