@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparring.state import atomic_write_text
+from sparring.training.trackers import scalars
 
 
 class MetricsLogger:
@@ -47,8 +48,6 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.trackers is not None and step is not None:
-            from sparring.training.trackers import scalars
-
             self.trackers.log(scalars(row, prefix), step)
 
     def close(self) -> None:
