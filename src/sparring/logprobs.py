@@ -118,6 +118,7 @@ def shared_prompt_logps(model, batch: SharedPrompt, responses: int, *, average: 
         raise ValueError(f"train.share_prompt needs an attention that takes a 4D mask (eager or sdpa); this model "
                          f"uses {attention_of(model)}: load it with sdpa or turn train.share_prompt off")
     dtype = next(model.parameters()).dtype  # the bias in the model's dtype (bf16 / fp16 on a GPU)
+    # a Sequences whose attention_mask is the 4D bias (the model takes either) and whose responses are the segments
     view = Sequences(batch.input_ids, batch.attention_bias.to(dtype), batch.segment > 0, batch.position_ids)
     keep, logps = scored_logps(model, view)
     slot = keep.nonzero()[:, 0] * responses + batch.segment[:, 1:][keep[:, :-1]] - 1  # (N,) row · S + s
