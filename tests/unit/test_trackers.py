@@ -46,6 +46,11 @@ def scalars(tb: Path, tag: str) -> list[tuple[int, float]]:
 def test_tensorboard_writes_run_tb_and_a_resumed_session_purges_the_stale_steps(tmp_path):
     cfg = config(tmp_path)  # logging.report_to defaults to [tensorboard]
     session(cfg, 1, range(1, 6))  # killed after step 5, its checkpoint at step 3: no end_training
+    # TensorBoard reads a folder's event files in name order, whose first key is the second the writer opened
+    # and whose last is a per-process writer count compared as text ("…10" < "…9"): a resume in the same
+    # second as the crash, after ten writers in one process (this test file among others), would read the
+    # sessions out of order. A real resume starts seconds later; so does this one.
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
     session(cfg, 4, (4, 5), value=lambda s: 10.0 * s).finish()  # the rerun redoes steps 4 and 5
     tb = tmp_path / "run" / "tb"
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2  # in RUN/tb itself, one file per session
