@@ -1,4 +1,5 @@
-"""Hugging Face ``generate`` backend: left padding, KV cache, batch-level seeds.
+"""The Hugging Face backend: sparring's decoding loop (``generation.decode``), ``model.generate`` where
+that loop does not apply; left padding, KV cache, batch-level seeds.
 
 Generation stops at every end id: the EOS list of the model's own generation_config (Qwen and
 Llama-3 chat models list their end-of-turn token there), the template's end-of-turn token, the
@@ -10,20 +11,45 @@ from __future__ import annotations
 import torch
 
 from sparring.data.chat import stop_token_ids
+from sparring.generation import decode
 from sparring.generation.base import Completion, SamplingParams, complete
 
 
 class HFGenerator:
-    def __init__(self, model, tokenizer):
+    """Completions of a Hugging Face causal LM. ``loop``: "auto" (sparring's loop where ``decode.supported``,
+    else ``model.generate``), "sparring" or "generate" (transformers' ``model.generate``, always)."""
+
+    def __init__(self, model, tokenizer, loop: str = "auto"):
+        if loop not in ("auto", "sparring", "generate"):
+            raise ValueError(f"loop must be auto, sparring or generate, not {loop!r}")
+        if loop == "sparring" and not decode.supported(model):
+            raise ValueError(f"sparring's decoding loop does not run {type(model).__name__} here (see "
+                             "sparring.generation.decode.supported); use loop='generate'")
         self.model = model
         self.tokenizer = tokenizer
+        self.loop = loop
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
+        tok = self.tokenizer
+        stops = stop_token_ids(tok, self.model.generation_config.eos_token_id, params.stop_token_ids)
+        if self.loop == "generate" or (self.loop == "auto" and not decode.supported(self.model)):
+            rows = self._library_generate(prompts, params, seed, stops)
+        else:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                rows = decode.decode(self.model, prompts, params, stops, seed, tok.pad_token_id)
+            finally:
+                self.model.train(was_training)
+        return [complete(tok, row, stops) for row in rows]
+
+    def _library_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int,
+                          stops: list[int]) -> list[list[int]]:
+        """The sampled ids of each prompt (padding after a stop id included) from ``model.generate``."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        stops = stop_token_ids(tok, self.model.generation_config.eos_token_id, params.stop_token_ids)
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
@@ -54,4 +80,4 @@ class HFGenerator:
         finally:
             self.model.generation_config = saved
             self.model.train(was_training)
-        return [complete(tok, row, stops) for row in out[:, width:].tolist()]
+        return out[:, width:].tolist()
