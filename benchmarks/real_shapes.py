@@ -14,13 +14,16 @@ This script measures the same things at the shapes a real SPIN run has, in one r
      no gradient checkpointing, length-grouped batches); ``TRL_NOT_USED`` lists the others and why not.
    Wall seconds (model load to end of training) and peak RSS of each side's own process, with the
    ratios sparring/trl-default and sparring/trl-best.
-2. generation throughput: sparring's HF backend (``HFGenerator`` through ``generate_responses``, prompts
-   sorted by length) vs. the loop of the original SPIN ``generate.py`` (HF ``model.generate``, batches
-   of 8 in data order, left padding to a multiple of 8, no sorting); same prompts, max_new_tokens and
-   sampling (temperature 1, top-p 1, top-k 50, which is what HF's generate does when no top-k is set).
-   Tokens counted are the ones each side actually produced (up to and including the stop id), so
-   sampled lengths may differ; with a random-init model and a 32,000-token vocabulary a stop id is
-   rare, so nearly every row runs to max_new_tokens on both sides (the rows-at-max column says how many).
+2. generation throughput: the loop of the original SPIN ``generate.py`` (HF ``model.generate``, batches
+   of ``--gen-batch`` 8 in data order, left padding to a multiple of 8, no sorting) vs. sparring's HF
+   backend (``HFGenerator`` through ``generate_responses``: prompts sorted by length, sparring's decoding
+   loop ``sparring.generation.decode``) at a run's default ``generation.batch_size`` (16), at the loop's
+   batch (8) and at 32, and the same backend through ``model.generate`` (``loop="generate"``, batch 16:
+   what sorting alone gives); same prompts, max_new_tokens and sampling (temperature 1, top-p 1, top-k 50,
+   which is what HF's generate does when no top-k is set). Tokens counted are the ones each side actually
+   produced (up to and including the stop id), so sampled lengths may differ; with a random-init model
+   and a 32,000-token vocabulary a stop id is rare, so nearly every row runs to max_new_tokens on every
+   side (the rows-at-max column says how many), and the dropping of finished rows is not exercised.
 3. the sparring training pass (opponent pass + train, model load excluded) on N, 2N and 4N pairs:
    seconds and seconds per pair, which should stay flat if the cost grows linearly.
 4. every measurement is repeated ``--repeats`` times (the sides interleaved); medians are printed.
@@ -58,6 +61,7 @@ same baseline for every side; the "above start" column leaves it out).
     python benchmarks/real_shapes.py                      # defaults: ~5-8 min on 2 idle cores (estimate)
     python benchmarks/real_shapes.py --length-scale 1     # the real lengths (much longer on a CPU)
     python benchmarks/real_shapes.py --quick              # toy sizes, to check that it runs (< 1 min)
+    python benchmarks/real_shapes.py --only generation    # one part (training, generation, scaling)
 """
 
 from __future__ import annotations
@@ -292,7 +296,7 @@ def run_trl(folder: Path, opts: dict, best: bool) -> dict:
             "sampler": type(trainer._get_train_sampler()).__name__}
 
 
-def run_generate(folder: Path, opts: dict, side: str) -> dict:
+def run_generate(folder: Path, opts: dict, side: str, batch: int) -> dict:
     import torch
 
     from sparring.config import ModelConfig
@@ -301,14 +305,15 @@ def run_generate(folder: Path, opts: dict, side: str) -> dict:
     tok = load_tokenizer(ModelConfig(name_or_path=str(folder / "model")))
     model = load_model(ModelConfig(name_or_path=str(folder / "model"), dtype="float32"))
     prompts = [p["prompt_ids"] for p in load_pairs(folder)[: opts["gen_prompts"]]]
-    new, batch = opts["max_new_tokens"], opts["gen_batch"]
+    new = opts["max_new_tokens"]
     start = time.perf_counter()
-    if side == "gen-sparring":
+    if side in ("gen-sparring", "gen-generate"):
         from sparring.generation import HFGenerator, SamplingParams, generate_responses
 
         params = SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=new)
-        rows = generate_responses(HFGenerator(model, tok), prompts, params, folder=Path(tempfile.mkdtemp(dir=folder)),
-                                  seed=SEED, batch_size=batch)
+        generator = HFGenerator(model, tok, loop="sparring" if side == "gen-sparring" else "generate")
+        rows = generate_responses(generator, prompts, params, folder=Path(tempfile.mkdtemp(dir=folder)), seed=SEED,
+                                  batch_size=batch)
         lengths = [r["num_tokens"] for r in rows]
     else:  # the original SPIN generate.py loop: data order, left padding to a multiple of 8, model.generate
         tok.padding_side = "left"
@@ -323,7 +328,17 @@ def run_generate(folder: Path, opts: dict, side: str) -> dict:
                 lengths.append(row.index(END) + 1 if END in row else len(row))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
-            "rows_at_max": sum(n == new for n in lengths), "rows": len(lengths)}
+            "rows_at_max": sum(n == new for n in lengths), "rows": len(lengths), "batch": batch}
+
+
+def generation_jobs(gen_batch: int) -> list[str]:
+    """The generation measurements: the SPIN loop at its batch; sparring's HF backend at a run's default
+    ``generation.batch_size``, at the loop's batch and at 32; the same backend through ``model.generate``."""
+    from sparring.config import GenerationConfig
+
+    default = GenerationConfig().batch_size
+    ours = [f"gen-sparring:{b}" for b in dict.fromkeys((default, gen_batch, 32))]
+    return [f"gen-loop:{gen_batch}", *ours, f"gen-generate:{default}"]
 
 
 def rss_now_mib() -> float:
@@ -351,7 +366,7 @@ def child(job: str, folder: str, opts: dict, log: str) -> None:
     elif kind in ("trl-default", "trl-best"):
         result = run_trl(folder_path, opts, best=kind == "trl-best")
     else:
-        result = run_generate(folder_path, opts, kind)
+        result = run_generate(folder_path, opts, kind, int(size))
     import torch
 
     result["threads"] = torch.get_num_threads()
@@ -399,6 +414,8 @@ def main() -> None:
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--scaling-base", type=int, help="N of the N/2N/4N scaling runs (default pairs/4)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", choices=("training", "generation", "scaling"), action="append",
+                        help="run only this part (repeatable; default: all three)")
     parser.add_argument("--quick", action="store_true", help="toy sizes, only to check that the script runs")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (model, pairs, logs)")
     args = parser.parse_args()
@@ -421,20 +438,25 @@ def main() -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     scaling = [args.scaling_base * k for k in (1, 2, 4)]
-    jobs = [*SPARRING_SIDES, "trl-default", "trl-best", "gen-sparring", "gen-loop"]
-    jobs += [f"sparring:{n}" for n in scaling if n != args.pairs]
+    gen_jobs = generation_jobs(args.gen_batch)
+    parts = set(args.only or ("training", "generation", "scaling"))
+    jobs = [*SPARRING_SIDES, "trl-default", "trl-best"] if "training" in parts else []
+    jobs += gen_jobs if "generation" in parts else []
+    if "scaling" in parts:
+        jobs += [f"sparring:{n}" for n in scaling if n != args.pairs or "training" not in parts]
     runs: dict[str, list[dict]] = {job: [] for job in jobs}
     for repeat in range(args.repeats):
         for job in jobs:
             runs[job].append(run_job(ctx, job, folder, opts, repeat))
     for n in scaling:
-        runs.setdefault(f"sparring:{n}", runs["sparring"] if n == args.pairs else [])
+        if "scaling" in parts and "training" in parts:
+            runs.setdefault(f"sparring:{n}", runs["sparring"] if n == args.pairs else [])
 
     import torch
     import transformers
     import trl
 
-    first = runs["sparring"][0]
+    first = runs[jobs[0]][0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {first['threads']} torch threads; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}; "
           f"{args.repeats} repeat(s), medians; whole run {time.perf_counter() - began:.0f} s"
@@ -448,6 +470,19 @@ def main() -> None:
           f"{m['generated_ids']:.0f}; longest prompt {info['max_prompt_seen']}, longest pair {info['max_total_seen']}")
     print(f"training: batch {args.batch} pairs, 1 epoch, AdamW lr {args.lr:g}, linear schedule, 10% warm-up, beta {args.beta:g}")
     print()
+    if "training" in parts:
+        report_training(runs)
+    if "generation" in parts:
+        report_generation(runs, gen_jobs, args.gen_prompts, sc["max_new_tokens"])
+    if "scaling" in parts:
+        report_scaling(runs, scaling)
+    if args.keep:
+        print(f"\nwork folder kept: {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def report_training(runs: dict) -> None:
     print("1. one training pass (model load + opponent/reference log-probs + one epoch)")
     print(f"{'':17} {'seconds':>8} {'load':>6} {'ref':>7} {'train':>7} {'steps':>5} {'positions':>10} "
           f"{'peak RSS MiB':>13} {'above start':>12}  checkpointing, batches")
@@ -470,26 +505,32 @@ def main() -> None:
           + " (with a 'length' column)")
     print("not used: " + "; ".join(f"{k}: {v}" for k, v in TRL_NOT_USED.items()))
     print()
-    print(f"2. generation: {args.gen_prompts} prompts, batch {args.gen_batch}, {sc['max_new_tokens']} new tokens, "
-          "sampling (T 1, top-p 1, top-k 50); tokens = tokens each side produced, stop id included")
-    print(f"{'':13} {'seconds':>8} {'tokens':>7} {'rows at max':>12} {'tokens/s':>9}")
-    for side, label in (("gen-sparring", "sparring"), ("gen-loop", "SPIN loop")):
-        r = runs[side]
-        print(f"{label:13} {median(r, 'seconds'):8.1f} {r[0]['tokens']:7d} {r[0]['rows_at_max']:5d}/{r[0]['rows']:<6d} "
-              f"{median(r, 'tokens_per_s'):9.1f}")
-    print(f"ratio tokens/s sparring/SPIN loop: "
-          f"{median(runs['gen-sparring'], 'tokens_per_s') / median(runs['gen-loop'], 'tokens_per_s'):.2f}")
+
+
+def report_generation(runs: dict, gen_jobs: list[str], prompts: int, new_tokens: int) -> None:
+    print(f"2. generation: {prompts} prompts, {new_tokens} new tokens, sampling (T 1, top-p 1, "
+          "top-k 50); tokens = tokens each side produced, stop id included")
+    print(f"{'':30} {'batch':>5} {'seconds':>8} {'tokens':>7} {'rows at max':>12} {'tokens/s':>9} {'vs loop':>8}")
+    labels = {"gen-loop": "SPIN generate.py loop", "gen-sparring": "sparring HF backend",
+              "gen-generate": "sparring via model.generate"}
+    loop = median(runs[gen_jobs[0]], "tokens_per_s")
+    for job in gen_jobs:
+        r, kind = runs[job], job.partition(":")[0]
+        default = " (default)" if kind != "gen-loop" and r[0]["batch"] == int(gen_jobs[1].partition(":")[2]) else ""
+        print(f"{labels[kind]:30} {r[0]['batch']:5d} {median(r, 'seconds'):8.1f} {r[0]['tokens']:7d} "
+              f"{r[0]['rows_at_max']:5d}/{r[0]['rows']:<6d} {median(r, 'tokens_per_s'):9.1f} "
+              f"{median(r, 'tokens_per_s') / loop:7.2f}x{default}")
+    print(f"ratio tokens/s sparring (defaults)/SPIN loop: {median(runs[gen_jobs[1]], 'tokens_per_s') / loop:.2f}")
     print()
+
+
+def report_scaling(runs: dict, scaling: list[int]) -> None:
     print("3. sparring training pass (opponent pass + train, load excluded) vs. pairs")
     print(f"{'pairs':>6} {'tokens':>7} {'seconds':>8} {'s/pair':>7} {'ms/token':>9}")
     for n in scaling:
         r = runs[f"sparring:{n}"]
         print(f"{n:6d} {r[0]['tokens']:7d} {median(r, 'pass'):8.2f} {median(r, 'pass') / n:7.3f} "
               f"{1000 * median(r, 'pass') / r[0]['tokens']:9.3f}")
-    if args.keep:
-        print(f"\nwork folder kept: {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_real_shapes_benchmark_runs_every_side_and_prints_its_ratios():
         assert any(line.startswith(side) for line in out.splitlines()), side
     for ratio in ("ratio sparring/sparring-unshared: time", "ratio sparring/sparring-plain: time",
                   "ratio sparring/trl-default: time",
-                  "ratio sparring/trl-best: time", "ratio tokens/s sparring/SPIN loop:"):
+                  "ratio sparring/trl-best: time", "ratio tokens/s sparring (defaults)/SPIN loop:", "sparring via model.generate"):
         assert ratio in out
     assert "length-grouped, prompt shared" in out and "3. sparring training pass" in out
 
