@@ -126,8 +126,9 @@ def test_team_log_probs_come_from_the_right_checkpoints(probed_run, tiny_ground)
     tok = load_tokenizer(ModelConfig(name_or_path=tiny_ground["model"]))
     row = rows(out / "iter_001" / "generated.jsonl")[3]  # a row of D_1, scored in round 2 by every player
     example = parse_row({"messages": [*row["prompt"], {"role": "assistant", "content": row["real"]}]})
-    seqs = collate([encode(tok, example.prompt, example.real, max_length=96),
-                    encode(tok, example.prompt, row["text"], max_length=96)], tok.pad_token_id)
+    prompt_ids, real_ids = encode(tok, example.prompt, example.real, max_length=96)
+    # y′ as sampled (its token ids, cut to the context as training cuts it): its text need not re-encode to them
+    seqs = collate([(prompt_ids, real_ids), (prompt_ids, row["token_ids"][: 96 - len(prompt_ids)])], tok.pad_token_id)
     found = []
     for j, path in enumerate([tiny_ground["model"], out / "iter_000" / "model", out / "iter_001" / "model"]):
         stored = json.loads((out / "iter_002" / f"team_theta{j}.json").read_text())
