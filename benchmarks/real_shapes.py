@@ -24,6 +24,8 @@ This script measures the same things at the shapes a real SPIN run has, in one r
    produced (up to and including the stop id), so sampled lengths may differ; with a random-init model
    and a 32,000-token vocabulary a stop id is rare, so nearly every row runs to max_new_tokens on every
    side (the rows-at-max column says how many), and the dropping of finished rows is not exercised.
+   ``--stop-every K`` makes the model end its turns as a trained one does, at varied lengths (after about
+   one sampled token in K, the same rule on every side: ``stop_after_marker``).
 3. the sparring training pass (opponent pass + train, model load excluded) on N, 2N and 4N pairs:
    seconds and seconds per pair, which should stay flat if the cost grows linearly.
 4. every measurement is repeated ``--repeats`` times (the sides interleaved); medians are printed.
@@ -306,6 +308,8 @@ def run_generate(folder: Path, opts: dict, side: str, batch: int) -> dict:
     model = load_model(ModelConfig(name_or_path=str(folder / "model"), dtype="float32"))
     prompts = [p["prompt_ids"] for p in load_pairs(folder)[: opts["gen_prompts"]]]
     new = opts["max_new_tokens"]
+    if opts["stop_every"]:
+        stop_after_marker(model, opts["stop_every"])
     start = time.perf_counter()
     if side in ("gen-sparring", "gen-generate"):
         from sparring.generation import HFGenerator, SamplingParams, generate_responses
@@ -329,6 +333,26 @@ def run_generate(folder: Path, opts: dict, side: str, batch: int) -> dict:
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
             "rows_at_max": sum(n == new for n in lengths), "rows": len(lengths), "batch": batch}
+
+
+def stop_after_marker(model, every: int) -> None:
+    """Make a random model end its turn as a trained one does, at varied lengths: after a token whose id is
+    ``every - 1`` modulo ``every`` (about one sampled token in ``every``: a geometric length of mean ≈
+    ``every``), the end id gets a logit of +1e4, so it is the next token. A forward hook on the model, so
+    that ``model.generate`` and sparring's loop see the same model; special ids (0–5) are never markers."""
+    import torch
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        if ids is None or output.logits is None:
+            return output
+        last = ids[:, -output.logits.shape[1] :]
+        marked = (last % every) == every - 1
+        output.logits[..., END] = torch.where(marked, torch.full_like(output.logits[..., END], 1e4),
+                                              output.logits[..., END])
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
 
 
 def generation_jobs(gen_batch: int) -> list[str]:
@@ -412,6 +436,9 @@ def main() -> None:
                         help="multiplies the length medians, caps and max-new-tokens (1: real shapes)")
     parser.add_argument("--gen-prompts", type=int, default=32)
     parser.add_argument("--gen-batch", type=int, default=8)
+    parser.add_argument("--stop-every", type=int, default=0,
+                        help="generation: end a turn after about one token in K (mean length ~K; 0: a random "
+                             "model's own rare stops, so rows run to the limit)")
     parser.add_argument("--scaling-base", type=int, help="N of the N/2N/4N scaling runs (default pairs/4)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("training", "generation", "scaling"), action="append",
@@ -434,7 +461,7 @@ def main() -> None:
     info = make_data(folder, args)
     opts = {"pairs": args.pairs, "batch": args.batch, "lr": args.lr, "beta": args.beta,
             "max_length": sc["max_length"], "max_new_tokens": sc["max_new_tokens"],
-            "gen_prompts": args.gen_prompts, "gen_batch": args.gen_batch}
+            "gen_prompts": args.gen_prompts, "gen_batch": args.gen_batch, "stop_every": args.stop_every}
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     scaling = [args.scaling_base * k for k in (1, 2, 4)]
@@ -473,7 +500,7 @@ def main() -> None:
     if "training" in parts:
         report_training(runs)
     if "generation" in parts:
-        report_generation(runs, gen_jobs, args.gen_prompts, sc["max_new_tokens"])
+        report_generation(runs, gen_jobs, args.gen_prompts, sc["max_new_tokens"], args.stop_every)
     if "scaling" in parts:
         report_scaling(runs, scaling)
     if args.keep:
@@ -507,9 +534,10 @@ def report_training(runs: dict) -> None:
     print()
 
 
-def report_generation(runs: dict, gen_jobs: list[str], prompts: int, new_tokens: int) -> None:
+def report_generation(runs: dict, gen_jobs: list[str], prompts: int, new_tokens: int, stop_every: int) -> None:
+    stops = f"a turn ends after about one token in {stop_every}" if stop_every else "the model's own rare stops"
     print(f"2. generation: {prompts} prompts, {new_tokens} new tokens, sampling (T 1, top-p 1, "
-          "top-k 50); tokens = tokens each side produced, stop id included")
+          f"top-k 50), {stops}; tokens = tokens each side produced, stop id included")
     print(f"{'':30} {'batch':>5} {'seconds':>8} {'tokens':>7} {'rows at max':>12} {'tokens/s':>9} {'vs loop':>8}")
     labels = {"gen-loop": "SPIN generate.py loop", "gen-sparring": "sparring HF backend",
               "gen-generate": "sparring via model.generate"}
