@@ -69,6 +69,12 @@ def _sharded(model) -> bool:
     return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
 
 
+def text_config(model):
+    """The config the decoder's cache is built from (a multimodal model's text config), as generate does."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _cache_keyword(model) -> str | None:
     """The forward argument that takes the cache: ``cache`` (transformers ≥ 5.x) or ``past_key_values``."""
     params = inspect.signature(type(model).forward).parameters
@@ -122,7 +128,7 @@ def decode(model, prompts: list[list[int]], params, stops: list[int], seed: int,
     if new <= 0:
         return out
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = StaticCache(config=base.config, max_cache_len=width + new)
+    cache = StaticCache(config=text_config(base), max_cache_len=width + new)
     # The whole attention mask, every step's a prefix of it: prompts left-padded to width, then one column a step.
     mask = torch.zeros(n, width + new, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -178,7 +184,7 @@ def _prefill(model, key: str, cache, prompts, width: int, mask, pad_id: int, dev
         for r, i in enumerate(group):
             ids[r, w - len(prompts[i]) :] = torch.tensor(prompts[i], device=device)
         m = mask[group, width - w : width]
-        part = DynamicCache(config=model.config)
+        part = DynamicCache(config=text_config(model))
         out = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                     logits_to_keep=1, **{key: part}).logits[:, -1].float()
         if logits is None:
