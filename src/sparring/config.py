@@ -667,6 +667,9 @@ def validate(cfg: RunConfig, *, set_fields=None) -> None:
     _validate_lsp(cfg.lsp)
     _validate_peft(cfg.peft)
     _check_verifier(cfg.eval)
+    if cfg.eval.sample_prompts < 0:
+        raise ConfigError(f"eval.sample_prompts must be >= 0 (held-out prompts whose answers are shown; 0: none), "
+                          f"got {cfg.eval.sample_prompts}")
     _validate_lm_eval(cfg.eval.lm_eval)
     _validate_logging(cfg.logging)
     _validate_hub(cfg)

@@ -51,6 +51,7 @@ def test_a_group_without_aggregation_keeps_its_subtasks():
     ("eval.lm_eval.batch_size=0", r"eval.lm_eval.batch_size must be >= 1"),
     ("eval.lm_eval.include_path=/nonexistent/tasks", r"include_path: /nonexistent/tasks is not a folder"),
     ("eval.lm_eval.tasks=arc", r"'eval.lm_eval.tasks': expected a list"),
+    ("eval.sample_prompts=-1", r"eval.sample_prompts must be >= 0"),
 ])
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
