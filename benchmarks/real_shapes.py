@@ -24,7 +24,9 @@ This script measures the same things at the shapes a real SPIN run has, in one r
    produced (up to and including the stop id), so sampled lengths may differ; with a random-init model
    and a 32,000-token vocabulary a stop id is rare, so nearly every row runs to max_new_tokens on every
    side (the rows-at-max column says how many), and the dropping of finished rows is not exercised.
-   ``--stop-every K`` makes the model end its turns as a trained one does, at varied lengths (after about
+   ``--gen-prompts`` (128): a generation stage runs over every training prompt, and length sorting makes
+   batches of prompts of near-equal length only when there are many (32 prompts in one batch of 32 span
+   the whole length range). ``--stop-every K`` makes the model end its turns as a trained one does, at varied lengths (after about
    one sampled token in K, the same rule on every side: ``stop_after_marker``).
 3. the sparring training pass (opponent pass + train, model load excluded) on N, 2N and 4N pairs:
    seconds and seconds per pair, which should stay flat if the cost grows linearly.
@@ -434,7 +436,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length before --length-scale")
     parser.add_argument("--length-scale", type=float, default=0.25,
                         help="multiplies the length medians, caps and max-new-tokens (1: real shapes)")
-    parser.add_argument("--gen-prompts", type=int, default=32)
+    parser.add_argument("--gen-prompts", type=int, default=128,
+                        help="generation prompts (default 128: enough for length-sorted batches of near-equal prompts)")
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--stop-every", type=int, default=0,
                         help="generation: end a turn after about one token in K (mean length ~K; 0: a random "
