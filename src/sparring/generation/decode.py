@@ -36,9 +36,22 @@ PREFILL_ROWS = 8  # rows per prefill group: the prompts of a group are padded to
 COMPACT_FRACTION = 0.25  # finished rows are dropped once they are this share of the rows in the batch
 
 
+def left_padded(prompts: list[list[int]], width: int, pad_id: int, device) -> torch.Tensor:
+    """(len(prompts), width) ids, each prompt right-aligned (ending where generation starts), pad before it."""
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+    return ids.to(device)
+
+
+def _base(model):
+    """The transformers model itself (a peft model's base model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supported(model) -> bool:
     """Whether ``decode`` can run ``model`` (else ``model.generate`` is used)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its base
+    base = _base(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -119,7 +132,7 @@ def decode(model, prompts: list[list[int]], params, stops: list[int], seed: int,
     ``params.max_new_tokens`` of them. ``model`` must be ``supported``."""
     from transformers import StaticCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     key = _cache_keyword(base)
     device = next(model.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
@@ -169,23 +182,17 @@ def _prefill(model, key: str, cache, prompts, width: int, mask, pad_id: int, dev
 
     n = len(prompts)
     if n <= PREFILL_ROWS or any(type(layer) is not StaticLayer for layer in cache.layers):
-        ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, device=device)
         m = mask[:, :width]
-        return model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+        return model(input_ids=left_padded(prompts, width, pad_id, device), attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                      logits_to_keep=1, **{key: cache}).logits[:, -1].float()
     logits = None
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     for g in range(0, n, PREFILL_ROWS):
         group = order[g : g + PREFILL_ROWS]
         w = max(len(prompts[i]) for i in group)
-        ids = torch.full((len(group), w), pad_id, dtype=torch.long, device=device)
-        for r, i in enumerate(group):
-            ids[r, w - len(prompts[i]) :] = torch.tensor(prompts[i], device=device)
         m = mask[group, width - w : width]
         part = DynamicCache(config=text_config(model))
-        out = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+        out = model(input_ids=left_padded([prompts[i] for i in group], w, pad_id, device), attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                     logits_to_keep=1, **{key: part}).logits[:, -1].float()
         if logits is None:
             logits = out.new_empty(n, out.shape[-1])

@@ -28,12 +28,13 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.loop = loop
+        self.ours = loop == "sparring" or (loop == "auto" and decode.supported(model))  # else model.generate
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
         tok = self.tokenizer
         stops = stop_token_ids(tok, self.model.generation_config.eos_token_id, params.stop_token_ids)
-        if self.loop == "generate" or (self.loop == "auto" and not decode.supported(self.model)):
+        if not self.ours:
             rows = self._library_generate(prompts, params, seed, stops)
         else:
             was_training = self.model.training
@@ -52,11 +53,8 @@ class HFGenerator:
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids = decode.left_padded(prompts, width, tok.pad_token_id, "cpu")
+        mask = decode.left_padded([[1] * len(p) for p in prompts], width, 0, "cpu")
         # A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json.
         sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)  # 0 = off; None would become 50
         gen_config = GenerationConfig(
